@@ -1,0 +1,115 @@
+"""`profuser check CONFIG`: can this run start? Validate before hours of GPU time are spent.
+
+Loads every tokenizer and chat template (weights only with --load-weights), reads the data through
+the normalizer with the target's over-length policy, prints a report, and returns the problems.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from profuser.config import RunConfig, missing_paths
+
+
+@dataclass
+class CheckReport:
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, line: str = "") -> None:
+        self.lines.append(line)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def text(self) -> str:
+        out = list(self.lines)
+        if self.problems:
+            out += ["", f"NOT READY — {len(self.problems)} problem(s):"] + [f"  - {p}" for p in self.problems]
+        else:
+            out += ["", "READY: the run can start."]
+        return "\n".join(out)
+
+
+def _offsets_available(tok) -> bool:
+    try:
+        tok("ab c", return_offsets_mapping=True, add_special_tokens=False)
+        return True
+    except (NotImplementedError, ValueError, TypeError):
+        return False
+
+
+def run_check(cfg: RunConfig, load_weights: bool = False) -> CheckReport:
+    from profuser import data as data_mod
+    from profuser.chat import end_of_turn_id
+    from profuser.models import ModelLoadError, load_chat_tokenizer, load_model
+
+    rep = CheckReport()
+    rep.problems += missing_paths(cfg)
+    rep.add(f"run_dir: {cfg.run_dir}")
+    rep.add("")
+    header = f"{'role':8} {'name':22} {'tokenizer':26} {'vocab':>7} {'offsets':8} {'chat template':24} {'end of turn':12}"
+    rep.add(header)
+    rep.add("-" * len(header))
+    loaded = {}
+    for role, spec in [*(("source", s) for s in cfg.sources), ("target", cfg.target)]:
+        if not Path(spec.path).exists():
+            rep.add(f"{role:8} {spec.name:22} (path missing)")
+            continue
+        try:
+            cm = load_chat_tokenizer(spec)
+            eot = end_of_turn_id(cm.tokenizer, cm.template)
+            eot_s = cm.tokenizer.convert_ids_to_tokens(eot) if eot is not None else "?"
+            loaded[spec.name] = cm
+            rep.add(f"{role:8} {spec.name:22} {type(cm.tokenizer).__name__:26} {len(cm.tokenizer):>7} "
+                    f"{'yes' if _offsets_available(cm.tokenizer) else 'no':8} {cm.template_source:24} {eot_s:12}")
+        except Exception as e:  # noqa: BLE001 — every failure is reported, none stops the check
+            rep.add(f"{role:8} {spec.name:22} FAILED")
+            rep.problems.append(f"{role} {spec.name}: {e}")
+            continue
+        if load_weights:
+            try:
+                model, attn = load_model(spec)
+                n = sum(p.numel() for p in model.parameters())
+                rep.add(f"         weights: {type(model).__name__}, {n / 1e6:.2f}M parameters, attention={attn}")
+                del model
+            except (ModelLoadError, Exception) as e:  # noqa: BLE001
+                rep.problems.append(f"{role} {spec.name}: weights: {e}")
+    for i, s in enumerate(cfg.scorers):
+        where = s.path or s.function
+        rep.add(f"scorer   {s.name:22} {s.type:26} {where}")
+        if s.type == "rule":
+            try:
+                from importlib import import_module
+
+                mod, fn = s.function.split(":", 1)
+                getattr(import_module(mod), fn)
+            except (ImportError, AttributeError) as e:
+                rep.problems.append(f"scorers.{i}.function: cannot import {s.function!r}: {e}")
+
+    rep.add("")
+    target = loaded.get(cfg.target.name)
+    if not any(p.startswith("data.path") for p in rep.problems):
+        counter: Counter = Counter()
+        check = None
+        if target is not None:
+            max_len = cfg.target.max_length or cfg.data.max_length
+            check = data_mod.make_length_check(target.tokenizer, target.template, max_len, cfg.data.overlength, counter)
+        try:
+            res = data_mod.normalize(cfg.data.path, cfg.data.format, cfg.data.limit, check)
+        except ValueError as e:
+            rep.problems.append(f"data.path: {e}")
+        else:
+            c = res.counts
+            rep.add(f"data: {cfg.data.path}: {c['rows']} rows -> {c['accepted']} accepted, {c['rejected']} rejected")
+            for kind, n in list(c["reasons"].items())[:5]:
+                example = next(r for r in res.rejects if r["kind"] == kind)
+                rep.add(f"  {n:6d} x {kind}   e.g. row {example['row']}: {example['reason']}")
+            if target is not None:
+                rep.add(f"  target over-length policy {cfg.data.overlength!r}: {counter['fits']} fit, "
+                        f"{counter['truncated']} truncated, {counter['rejected']} rejected")
+            if not res.records:
+                rep.problems.append(f"data.path: no usable records in {cfg.data.path!r}")
+    return rep

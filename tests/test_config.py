@@ -1,0 +1,150 @@
+"""Run config: parsing, validation messages, overrides, the resolved config file."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from profuser.config import (ConfigError, RunConfig, apply_override, load_config, parse_config,
+                             reference_markdown, save_resolved)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path, d) -> Path:
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def test_tiny_config_parses_with_defaults(tiny_config):
+    cfg = parse_config(tiny_config)
+    assert [s.name for s in cfg.sources] == ["chatml_bpe", "vicuna_spm", "gemma_unigram"]
+    assert cfg.train.schedule == "profuser" and cfg.prep.topk == 5 and cfg.data.overlength == "truncate_left"
+    assert cfg.model("target").path.endswith("target")
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("train.learnin_rate=1e-4", "train.learnin_rate", "unknown key"),
+    ("sources.0.pth=/x", "sources.0.pth", "unknown key"),
+    ("bogus=1", "bogus", "unknown key"),
+])
+def test_unknown_key_rejected(tiny_config, override, key, value):
+    with pytest.raises(ConfigError) as e:
+        parse_config(tiny_config, [override])
+    assert key in str(e.value) and value in str(e.value) and "allowed keys" in str(e.value)
+
+
+@pytest.mark.parametrize("override, key, shown", [
+    ("prep.topk=ten", "prep.topk", "'ten'"),
+    ("train.bf16=3", "train.bf16", "3"),
+    ("prep.topk=true", "prep.topk", "True"),
+    ("sources=notalist", "sources", "'notalist'"),
+    ("data=[1]", "data", "[1]"),
+])
+def test_wrong_type_rejected(tiny_config, override, key, shown):
+    with pytest.raises(ConfigError) as e:
+        parse_config(tiny_config, [override])
+    msg = str(e.value)
+    assert msg.startswith(key + ":") and shown in msg and "expected" in msg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("prep.topk=0", "prep.topk"),
+    ("train.switch_fraction=1.5", "train.switch_fraction"),
+    ("train.temperature=0", "train.temperature"),
+    ("data.max_length=2", "data.max_length"),
+    ("prep.generate.top_p=1.2", "prep.generate.top_p"),
+])
+def test_out_of_range_rejected(tiny_config, override, key):
+    with pytest.raises(ConfigError) as e:
+        parse_config(tiny_config, [override])
+    value = override.split("=")[1]
+    assert str(e.value).startswith(key) and value in str(e.value) and "out of range" in str(e.value)
+
+
+def test_bad_choice_names_allowed_values(tiny_config):
+    with pytest.raises(ConfigError) as e:
+        parse_config(tiny_config, ["train.schedule=progressive"])
+    assert "train.schedule" in str(e.value) and "'progressive'" in str(e.value) and "fusellm" in str(e.value)
+
+
+def test_missing_required_and_semantic_errors(tiny_config):
+    d = dict(tiny_config)
+    del d["target"]
+    with pytest.raises(ConfigError, match="target: required"):
+        parse_config(d)
+    with pytest.raises(ConfigError, match="at least one source"):
+        parse_config(tiny_config, ["sources=[]"])
+    with pytest.raises(ConfigError, match="duplicate names"):
+        parse_config(tiny_config, ["sources.1.name=chatml_bpe"])
+    with pytest.raises(ConfigError, match="scorers.0.function"):
+        parse_config(tiny_config, ["scorers.0.function=nocolon"])
+
+
+def test_missing_path_rejected(tiny_config, tmp_path):
+    tiny_config["sources"][1]["path"] = str(tmp_path / "nope")
+    tiny_config["data"]["path"] = str(tmp_path / "missing.jsonl")
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, tiny_config))
+    msg = str(e.value)
+    assert "sources.1.path" in msg and str(tmp_path / "nope") in msg and "does not exist" in msg
+    assert "data.path" in msg and "missing.jsonl" in msg
+
+
+def test_override_changes_resolved_config_and_is_written(tiny_config, tmp_path):
+    path = _write(tmp_path, tiny_config)
+    cfg = load_config(path, ["train.learning_rate=2e-5", "sources.2.chat_template=gemma", "prep.generate.do_sample=true",
+                             "wandb.tags=[a, b]"])
+    assert cfg.train.learning_rate == 2e-5 and cfg.sources[2].chat_template == "gemma"
+    assert cfg.prep.generate.do_sample is True and cfg.wandb.tags == ["a", "b"]
+    out = save_resolved(cfg)
+    assert out == Path(cfg.run_dir) / "config.yaml"
+    written = yaml.safe_load(out.read_text())
+    assert written["train"]["learning_rate"] == 2e-5 and written["sources"][2]["chat_template"] == "gemma"
+    # The written file is itself a valid config that resolves to the same thing.
+    assert dataclasses.asdict(parse_config(written)) == dataclasses.asdict(cfg)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        apply_override({}, "train.lr")
+    with pytest.raises(ConfigError, match="not a valid index"):
+        apply_override({"sources": [{}]}, "sources.5.path=/x")
+
+
+def test_int_accepted_for_float_and_hash_is_stable(tiny_config):
+    a = parse_config(tiny_config, ["train.learning_rate=1"])
+    assert isinstance(a.train.learning_rate, float)
+    b = parse_config(tiny_config, ["train.learning_rate=1"])
+    assert a.section_hash("sources", "data") == b.section_hash("sources", "data")
+    c = parse_config(tiny_config, ["data.max_length=128"])
+    assert c.section_hash("sources", "data") != a.section_hash("sources", "data")
+    assert c.section_hash("sources") == a.section_hash("sources")
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "paper_7b.yaml"])
+def test_shipped_examples_parse(name):
+    cfg = load_config(REPO / "examples" / name, check_paths=False)
+    assert isinstance(cfg, RunConfig) and cfg.sources
+
+
+def test_paper_example_is_the_paper_setting():
+    cfg = load_config(REPO / "examples" / "paper_7b.yaml", check_paths=False)
+    names = " ".join(s.path.lower() for s in cfg.sources)
+    assert "vicuna-7b-v1.5" in names and "llama-2-7b-chat" in names and "mpt-7b-8k-chat" in names
+    assert "vicuna-7b-v1.5" in cfg.target.path.lower()
+    assert {s.chat_template for s in cfg.sources} == {"vicuna", "llama-2", "mpt"}
+
+
+def test_reference_lists_every_leaf_key():
+    ref = reference_markdown()
+    for key in ("run_dir", "sources.N.path", "sources.N.trust_remote_code", "prep.generate.max_new_tokens",
+                "train.schedule", "wandb.mode", "data.overlength"):
+        assert f"`{key}`" in ref
+
+
+def test_docs_config_reference_is_current():
+    """docs/CONFIG.md is generated; regenerate with `python -m profuser.config > docs/CONFIG.md`."""
+    doc = (REPO / "docs" / "CONFIG.md").read_text()
+    assert reference_markdown() in doc

@@ -1,0 +1,105 @@
+"""Model loading from local directories and GGUF; attention choice; remote code and pickle safety."""
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from profuser.chat import encode_chat, end_of_turn_id
+from profuser.config import ModelConfig
+from profuser.models import ModelLoadError, choose_attn_implementation, load_chat_model, load_model
+
+
+def test_all_fixture_models_load_with_distinct_families(tiny_models, caplog):
+    classes, vocab = {}, {}
+    with caplog.at_level(logging.INFO, logger="profuser"):
+        for name, path in tiny_models.items():
+            cm = load_chat_model(ModelConfig(path=str(path)), device="cpu")
+            classes[name] = type(cm.model).__name__
+            vocab[name] = len(cm.tokenizer)
+            assert cm.attn_implementation in ("sdpa", "eager")
+            enc = encode_chat(cm.tokenizer, cm.template, [{"role": "user", "content": "Hi"}], "Hello")
+            with torch.no_grad():
+                out = cm.model(torch.tensor([enc.input_ids]))
+            assert out.logits.shape == (1, len(enc.input_ids), cm.model.config.vocab_size)
+            assert cm.model.config.vocab_size >= len(cm.tokenizer)
+    assert len(set(classes.values())) == 4, classes
+    assert vocab["target"] == vocab["chatml_bpe"] and len({vocab[n] for n in vocab}) == 3
+    assert sum("with attention=" in r.message for r in caplog.records) == 4
+
+
+def test_attention_choice():
+    assert choose_attn_implementation("auto", "cpu") == "sdpa"
+    assert choose_attn_implementation("eager", "cpu") == "eager"
+    # flash-attn is not installed here, so even a CUDA device falls back to sdpa
+    import importlib.util
+    if importlib.util.find_spec("flash_attn") is None:
+        assert choose_attn_implementation("auto", "cuda:0") == "sdpa"
+
+
+def _custom_code_dir(src, dst, marker):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["model_type"] = "evilnet"
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('executed')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'evilnet'\n"
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+
+
+def test_remote_code_not_executed_unless_trusted(tiny_models, tmp_path):
+    marker = tmp_path / "marker"
+    d = tmp_path / "custom"
+    _custom_code_dir(tiny_models["chatml_bpe"], d, marker)
+    with pytest.raises(ModelLoadError, match="trust_remote_code"):
+        load_model(ModelConfig(path=str(d)), device="cpu")
+    assert not marker.exists()
+    model, _ = load_model(ModelConfig(path=str(d), trust_remote_code=True), device="cpu")
+    assert marker.exists() and type(model).__name__ == "EvilModel"
+
+
+def test_pickled_weights_refused_unless_allowed(tiny_models, tmp_path):
+    d = tmp_path / "pickled"
+    shutil.copytree(tiny_models["chatml_bpe"], d)
+    from safetensors.torch import load_file
+    state = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    torch.save(state, d / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="allow_pickle"):
+        load_model(ModelConfig(path=str(d)), device="cpu")
+    model, _ = load_model(ModelConfig(path=str(d), allow_pickle=True), device="cpu")
+    ref, _ = load_model(ModelConfig(path=str(tiny_models["chatml_bpe"])), device="cpu")
+    for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_bad_paths_are_named(tmp_path):
+    with pytest.raises(ModelLoadError, match="nope.gguf"):
+        load_model(ModelConfig(path=str(tmp_path / "nope.gguf")))
+    with pytest.raises(ModelLoadError, match="neither a directory"):
+        load_model(ModelConfig(path=str(tmp_path / "nope")))
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_generates_and_teacher_forces(smollm2):
+    tok, model = smollm2.tokenizer, smollm2.model
+    assert type(model).__name__ == "LlamaForCausalLM" and len(tok) == 49152
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    enc = encode_chat(tok, smollm2.template, messages, "The capital of France is Paris.")
+    eot = end_of_turn_id(tok, smollm2.template)
+    assert tok.convert_ids_to_tokens(eot) == "<|im_end|>"
+    prompt = torch.tensor([enc.input_ids[:enc.prompt_len]])
+    with torch.no_grad():
+        gen = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=eot)
+    text = tok.decode(gen[0, enc.prompt_len:], skip_special_tokens=True)
+    assert "Paris" in text, text
+    # teacher forcing: the real model is confident on the ground truth (random init would be ~ln(49152)=10.8)
+    with torch.no_grad():
+        logits = model(torch.tensor([enc.input_ids])).logits[0, :-1].float()
+    labels = torch.tensor(enc.labels[1:])
+    ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+    assert ce.item() < 2.0, ce.item()
