@@ -1,0 +1,226 @@
+"""Source -> target vocabulary mapping and top-k re-expression (DESIGN §3.2, §3.3).
+
+A source id maps to the target id with the same surface bytes (profuser.align.token_surface:
+byte-level decoded, `▁` -> space, `<0xNN>` -> the byte), so `ĠcafÃ©` and `▁café` meet as b" café".
+Special tokens never match by surface; they map by role (eos -> eos, bos -> bos, unk -> unk) and by
+explicit pairs such as each template's end-of-turn token. When a target surface is held by several
+ids, the one the target tokenizer would produce wins: a regular vocabulary entry over a byte-fallback
+piece over an added token. "soft" mode then gives each still-unmapped source id the target id at the
+smallest edit distance (FuseLLM's soft vocabulary alignment), among candidates that agree on the
+leading space and on the first byte after it, and have a similar length.
+
+Tables are int64 [source vocab] with -1 for "no counterpart", computed once per (source, target)
+and cached as .npy keyed by both tokenizers' fingerprints.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from profuser.align import Surfaces, edit_distance_matrix, same_tokenizer, surfaces
+
+MAP_VERSION = 1  # bump when the mapping rules change, to invalidate caches
+PAD_ID = -1
+PAD_LOGPROB = float("-inf")
+
+
+def _role_pairs(src_tok, tgt_tok) -> dict[int, int]:
+    pairs = {}
+    for role in ("unk_token_id", "bos_token_id", "eos_token_id"):
+        a, b = getattr(src_tok, role, None), getattr(tgt_tok, role, None)
+        if isinstance(a, int) and isinstance(b, int):
+            pairs[a] = b
+    return pairs
+
+
+def _target_index(t: Surfaces) -> dict[bytes, int]:
+    """surface -> canonical target id (regular entry > byte-fallback piece > added token)."""
+    index: dict[bytes, int] = {}
+    rank: dict[bytes, int] = {}
+    for i, s in enumerate(t.surfaces):
+        if t.special[i] or not s:
+            continue
+        r = 2 if t.added[i] else 1 if t.byte_fallback[i] else 0
+        if s not in index or r < rank[s]:
+            index[s], rank[s] = i, r
+    return index
+
+
+def build_vocab_map(
+    src_tok, tgt_tok, mode: str = "exact", special_pairs: Optional[dict[int, int]] = None,
+    soft_max_ratio: float = 0.5,
+) -> np.ndarray:
+    """int64 [source vocab]: target id with the same surface, else -1 (see module docstring).
+
+    special_pairs: extra {source id: target id} applied last (e.g. end-of-turn tokens).
+    mode "soft": unmapped non-special source ids take the nearest target surface by edit distance
+    when distance <= soft_max_ratio * len(source surface).
+    Identical tokenizers give the identity table.
+    """
+    if mode not in ("exact", "soft"):
+        raise ValueError(f"vocab map mode must be 'exact' or 'soft', got {mode!r}")
+    s, t = surfaces(src_tok), surfaces(tgt_tok)
+    n_src = len(s.surfaces)
+    if same_tokenizer(src_tok, tgt_tok):
+        out = np.arange(n_src, dtype=np.int64)
+    else:
+        index = _target_index(t)
+        out = np.fromiter(
+            (-1 if s.special[i] else index.get(b, -1) for i, b in enumerate(s.surfaces)),
+            dtype=np.int64, count=n_src,
+        )
+        if mode == "soft":
+            _soft_fill(out, s, t, soft_max_ratio)
+    for a, b in {**_role_pairs(src_tok, tgt_tok), **(special_pairs or {})}.items():
+        if 0 <= a < n_src and 0 <= b < len(t.surfaces):
+            out[a] = b
+    return out
+
+
+def _soft_fill(out: np.ndarray, s: Surfaces, t: Surfaces, max_ratio: float, budget: int = 4_000_000) -> None:
+    """Fill -1 entries of `out` (non-special sources) with the nearest target by edit distance.
+
+    Candidates share the leading-space flag and first byte after it (a space-prefixed word never
+    maps to a bare piece) and have a length within -2..+8 of the chunk's shortest source; chunks are
+    sized so the distance tensor stays near `budget` cells."""
+    todo = [i for i in np.flatnonzero(out < 0) if not s.special[i] and s.surfaces[i]]
+    index = _target_index(t)
+
+    def key(b: bytes) -> tuple[bool, bytes]:  # leading space?, first byte after it
+        return b[:1] == b" ", b.lstrip(b" ")[:1]
+
+    buckets: dict[tuple, list[int]] = {}
+    for b, i in index.items():
+        buckets.setdefault(key(b), []).append(i)
+    by_first: dict[tuple, list[int]] = {}
+    for i in todo:
+        by_first.setdefault(key(s.surfaces[i]), []).append(i)
+    for first, src_ids in by_first.items():
+        cands = np.array(sorted(buckets.get(first, [])), dtype=np.int64)
+        if len(cands) == 0:
+            continue
+        cl = t.lengths[cands]
+        src_ids = sorted(src_ids, key=lambda i: len(s.surfaces[i]))
+        k = 0
+        while k < len(src_ids):
+            lo = len(s.surfaces[src_ids[k]])
+            near = cands[(cl >= lo - 2) & (cl <= lo + 8)]
+            width = int(t.lengths[near].max()) + 1 if len(near) else 1
+            step = max(1, min(256, budget // max(1, len(near) * width)))
+            part = [i for i in src_ids[k:k + step] if len(s.surfaces[i]) <= lo + 6]
+            k += len(part)
+            lens = np.array([len(s.surfaces[i]) for i in part])
+            near = near[(t.lengths[near] <= lens.max() + 2)]
+            if len(near) == 0:
+                continue
+            d = edit_distance_matrix([s.surfaces[i] for i in part], [t.surfaces[j] for j in near])
+            # Prefer small distance, then similar length, then the lower id.
+            score = d * 1024 + np.abs(t.lengths[near][None, :] - lens[:, None])
+            best = np.argmin(score, axis=1)
+            dbest = d[np.arange(len(part)), best]
+            ok = dbest <= max_ratio * lens
+            out[np.array(part)[ok]] = near[best[ok]]
+
+
+def vocab_map_key(src_tok, tgt_tok, mode: str, special_pairs: Optional[dict[int, int]] = None,
+                  soft_max_ratio: float = 0.5) -> str:
+    h = hashlib.sha256()
+    extra = {"v": MAP_VERSION, "mode": mode, "pairs": sorted((special_pairs or {}).items()),
+             "roles": sorted(_role_pairs(src_tok, tgt_tok).items()),
+             "soft_max_ratio": soft_max_ratio if mode == "soft" else None}
+    for part in (surfaces(src_tok).fingerprint, surfaces(tgt_tok).fingerprint, json.dumps(extra)):
+        h.update(part.encode())
+    return h.hexdigest()[:24]
+
+
+def load_or_build_vocab_map(
+    src_tok, tgt_tok, cache_dir, mode: str = "exact", special_pairs: Optional[dict[int, int]] = None,
+    soft_max_ratio: float = 0.5,
+) -> np.ndarray:
+    """build_vocab_map, cached as cache_dir/vocab_map-<key>.npy (written atomically)."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"vocab_map-{vocab_map_key(src_tok, tgt_tok, mode, special_pairs, soft_max_ratio)}.npy"
+    if path.exists():
+        return np.load(path)
+    table = build_vocab_map(src_tok, tgt_tok, mode, special_pairs, soft_max_ratio)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, table)
+    os.replace(tmp, path)
+    return table
+
+
+def map_topk(topk_ids, topk_logprobs, vocab_map: Optional[np.ndarray]):
+    """Re-express top-k teacher distributions in target ids.
+
+    topk_ids [R, k] int (-1 = none), topk_logprobs [R, k] float: log-probs over the teacher's full
+    vocabulary. vocab_map: build_vocab_map's table, or None for identical tokenizers (copy).
+    Returns (ids [R, k] int64, logprobs [R, k] float32, kept_mass [R] float64):
+    - unmapped entries (-1 or out-of-table ids) are dropped; ids that collide after mapping are
+      merged by log-sum-exp; the survivors are left-packed in descending log-prob order and the row
+      is padded with PAD_ID / PAD_LOGPROB (-inf): mask on ids >= 0.
+    - log-probs stay teacher log-probs (not renormalized: the loss renormalizes over the support).
+    - kept_mass = sum exp(kept) / sum exp(original entries); 0 for a row with no entries.
+    """
+    ids = np.asarray(topk_ids, dtype=np.int64)
+    lp = np.asarray(topk_logprobs, dtype=np.float64)
+    R, k = ids.shape
+    valid = ids >= 0
+    if vocab_map is None:
+        mapped = np.where(valid, ids, PAD_ID)
+    else:
+        vm = np.asarray(vocab_map, dtype=np.int64)
+        inb = valid & (ids < len(vm))
+        mapped = np.where(inb, vm[np.where(inb, ids, 0)], PAD_ID)
+    keep = mapped >= 0
+    p = np.where(valid, np.exp(lp), 0.0)
+    total = p.sum(axis=1)
+    kept_mass = np.divide((p * keep).sum(axis=1), total, out=np.zeros(R), where=total > 0)
+
+    out_ids = np.full((R, k), PAD_ID, dtype=np.int64)
+    out_lp = np.full((R, k), PAD_LOGPROB, dtype=np.float32)
+    rows, cols = np.nonzero(keep)
+    if len(rows) == 0:
+        return out_ids, out_lp, kept_mass
+    mid, l = mapped[rows, cols], lp[rows, cols]
+    order = np.lexsort((mid, rows))
+    rows, mid, l = rows[order], mid[order], l[order]
+    head = np.ones(len(rows), dtype=bool)
+    head[1:] = (rows[1:] != rows[:-1]) | (mid[1:] != mid[:-1])
+    starts = np.flatnonzero(head)
+    seg = np.cumsum(head) - 1
+    m = np.maximum.reduceat(l, starts)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        merged = m_safe + np.log(np.add.reduceat(np.exp(l - m_safe[seg]), starts))
+    srow, sid = rows[starts], mid[starts]
+    order = np.lexsort((-merged, srow))
+    srow, sid, merged = srow[order], sid[order], merged[order]
+    first_of_row = np.searchsorted(srow, srow, side="left")
+    col = np.arange(len(srow)) - first_of_row
+    out_ids[srow, col] = sid
+    out_lp[srow, col] = merged
+    return out_ids, out_lp, kept_mass
+
+
+def aligned_topk(tgt_to_src, topk_ids, topk_logprobs, vocab_map: Optional[np.ndarray]):
+    """Teacher rows for each target response position: row tgt_to_src[j] of the source's top-k,
+    mapped to target ids (map_topk); positions with tgt_to_src == -1 get an all-PAD_ID row.
+
+    tgt_to_src [T] int (align_response), topk_* [R, k] (teacher stage, label-aligned).
+    Returns (ids [T, k] int64, logprobs [T, k] float32, kept_mass [T]: 0 where not aligned).
+    """
+    idx = np.asarray(tgt_to_src, dtype=np.int64)
+    ids = np.asarray(topk_ids)
+    hit = idx >= 0
+    rows = np.full((len(idx), ids.shape[1]), PAD_ID, dtype=np.int64)
+    lps = np.full((len(idx), ids.shape[1]), PAD_LOGPROB, dtype=np.float64)
+    rows[hit] = ids[idx[hit]]
+    lps[hit] = np.asarray(topk_logprobs, dtype=np.float64)[idx[hit]]
+    return map_topk(rows, lps, vocab_map)

@@ -1,0 +1,412 @@
+"""Cross-tokenizer alignment and vocabulary mapping (profuser.align, profuser.vocab_map).
+
+Property tests run over random Unicode text for every ordered pair of fixture tokenizers (three
+families plus a second instance of one, so identical tokenizers are covered too).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from profuser.align import (
+    align_mined, align_response, align_spans, align_text, dtw_path, edit_distance_matrix, same_tokenizer,
+    token_spans, token_surface,
+)
+from profuser.chat import BUILTIN_TEMPLATES, encode_chat, end_of_turn_id, split_response
+from profuser.tiny import build_tokenizer
+from profuser.vocab_map import PAD_ID, aligned_topk, build_vocab_map, load_or_build_vocab_map, map_topk
+
+FAMILIES = ("chatml_bpe", "vicuna_spm", "gemma_unigram")
+TEMPLATES = {"chatml_bpe": "chatml", "vicuna_spm": "vicuna", "gemma_unigram": "gemma", "target": "chatml"}
+PROPS = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="session")
+def toks():
+    out = {f: build_tokenizer(f) for f in FAMILIES}
+    out["target"] = build_tokenizer("chatml_bpe")  # a separate, identical instance
+    return out
+
+
+PIECES = [
+    "the", " cat", "café", "naïve", "Ñandú", "e\u0301", "😀", "👩‍💻", "🇫🇷", "中文", "日本語", "한국어",
+    "  ", "   ", "\n", "\n\n", "\t", " \n ", "0", "42", "3.14", "1,000", "ﬁ", "Ａ", "²", "µ", "—", "“q”",
+    "</s>", "<|im_end|>", "<end_of_turn>", "<0x41>", "ĠcafÃ©", "▁x",
+]
+texts = st.lists(
+    st.one_of(st.sampled_from(PIECES), st.text(st.characters(exclude_categories=("Cs",)), max_size=4)),
+    max_size=24,
+).map("".join)
+
+
+def _covered(text: str, starts, ends) -> None:
+    tb = text.encode("utf-8")
+    cover = np.zeros(len(tb) + 1, dtype=np.int64)
+    np.add.at(cover, starts, 1)
+    np.add.at(cover, ends, -1)
+    covered = np.cumsum(cover)[:-1] > 0
+    pos = 0
+    for ch in text:
+        n = len(ch.encode("utf-8"))
+        if not ch.isspace():
+            assert covered[pos:pos + n].all(), f"char {ch!r} at byte {pos} not covered"
+        pos += n
+
+
+@PROPS
+@given(text=texts)
+def test_spans_cover_text_and_exact_tokens_are_the_text(toks, text):
+    tb = text.encode("utf-8")
+    for name, tok in toks.items():
+        sp = token_spans(tok, text)
+        assert sp.ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]
+        assert (sp.starts >= 0).all() and (sp.ends <= len(tb)).all() and (sp.starts <= sp.ends).all()
+        _covered(text, sp.starts, sp.ends)
+        surf = token_surface(tok)
+        ex = np.flatnonzero(sp.exact)
+        for k in ex:
+            assert surf[sp.ids[k]] == tb[sp.starts[k]:sp.ends[k]], name
+        # Exact spans never overlap and come in text order.
+        assert (sp.starts[ex][1:] >= sp.ends[ex][:-1]).all()
+
+
+@PROPS
+@given(text=texts)
+def test_transferred_positions_have_same_text_and_prefix(toks, text):
+    spans = {n: token_spans(t, text) for n, t in toks.items()}
+    for a, b in itertools.product(toks, repeat=2):
+        r = align_text(toks[a], toks[b], text)
+        assert len(r.tgt_to_src) == len(spans[b])
+        assert r.tgt_to_src.min(initial=-1) >= -1 and r.tgt_to_src.max(initial=-1) < len(spans[a])
+        j = np.flatnonzero(r.tgt_to_src >= 0)
+        i = r.tgt_to_src[j]
+        sa, sb = token_surface(toks[a]), token_surface(toks[b])
+        assert [sa[x] for x in spans[a].ids[i]] == [sb[x] for x in spans[b].ids[j]], (a, b)
+        if r.method != "copy":  # same bytes AND same byte offsets, i.e. the same text prefix
+            assert (spans[a].starts[i] == spans[b].starts[j]).all()
+            assert (spans[a].ends[i] == spans[b].ends[j]).all()
+        assert len(set(i.tolist())) == len(i)  # one to one
+        if same_tokenizer(toks[a], toks[b]):
+            assert r.method == "copy" and (r.tgt_to_src == np.arange(len(spans[b]))).all()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tok(smollm2_path):
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    p = Path(smollm2_path)
+    return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=texts)
+def test_real_smollm2_tokenizer_against_fixtures(toks, smollm2_tok, text):
+    tb = text.encode("utf-8")
+    sp = token_spans(smollm2_tok, text)
+    ids, starts, ends = sp
+    assert ids.tolist() == smollm2_tok(text, add_special_tokens=False)["input_ids"]
+    _covered(text, sp.starts, sp.ends)
+    surf = token_surface(smollm2_tok)
+    assert all(surf[sp.ids[k]] == tb[sp.starts[k]:sp.ends[k]] for k in np.flatnonzero(sp.exact))
+    for name in ("vicuna_spm", "gemma_unigram", "chatml_bpe"):
+        for a, b in ((toks[name], smollm2_tok), (smollm2_tok, toks[name])):
+            r = align_text(a, b, text)
+            sa, sb = token_surface(a), token_surface(b)
+            j = np.flatnonzero(r.tgt_to_src >= 0)
+            assert [sa[x] for x in r.src_ids[r.tgt_to_src[j]]] == [sb[x] for x in r.tgt_ids[j]]
+
+
+def test_same_tokenizer_detection(toks):
+    assert same_tokenizer(toks["chatml_bpe"], toks["target"])
+    assert same_tokenizer(toks["vicuna_spm"], build_tokenizer("vicuna_spm"))
+    for a, b in itertools.combinations(FAMILIES, 2):
+        assert not same_tokenizer(toks[a], toks[b])
+
+
+def test_byte_pieces_align_one_to_one(toks):
+    # 文 is <0xE6><0x96><0x87> for vicuna_spm and three byte-level pieces for chatml_bpe.
+    text = "a 文 b"
+    r = align_text(toks["vicuna_spm"], toks["chatml_bpe"], text)
+    sa, sb = token_surface(toks["vicuna_spm"]), token_surface(toks["chatml_bpe"])
+    pairs = [(sa[r.src_ids[i]], sb[r.tgt_ids[j]]) for j, i in enumerate(r.tgt_to_src) if i >= 0]
+    assert (b"\xe6", b"\xe6") in pairs and (b"\x96", b"\x96") in pairs and (b"\x87", b"\x87") in pairs
+
+
+def test_trimmed_offsets_are_repaired(toks):
+    import copy
+
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(toks["chatml_bpe"].backend_tokenizer)
+    backend.post_processor = processors.ByteLevel(trim_offsets=True)  # `Ġw` reported without its space
+    trimmed = PreTrainedTokenizerFast(tokenizer_object=backend)
+    text = "Hello world,  café x"
+    sp = token_spans(trimmed, text)
+    assert sp.exact.all()
+    r = align_text(toks["vicuna_spm"], trimmed, text)
+    ref = align_text(toks["vicuna_spm"], toks["chatml_bpe"], text)
+    assert (r.tgt_to_src == ref.tgt_to_src).all()
+
+
+def test_phantom_prefix_and_normalizer_rewrites_are_not_exact(toks):
+    sp = token_spans(toks["vicuna_spm"], "a b")  # `▁a`: the space is not in the text
+    assert not sp.exact[0]
+    sp = token_spans(toks["gemma_unigram"], "x ﬁ Ａ")  # NFKC: ﬁ -> fi, Ａ -> A
+    surf = token_surface(toks["gemma_unigram"])
+    tb = "x ﬁ Ａ".encode()
+    for k in range(len(sp)):
+        if sp.exact[k]:
+            assert surf[sp.ids[k]] == tb[sp.starts[k]:sp.ends[k]]
+    assert not sp.exact[-1]
+
+
+# --- the hand-built café case -------------------------------------------------------------------
+
+def _cafe_tokenizers():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    merges = [("Ġ", "c"), ("Ġc", "a"), ("Ġca", "f"), ("Ã", "©"), ("Ġcaf", "Ã©")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    bl = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bl.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bl.decoder = decoders.ByteLevel()
+
+    spm_vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    for t in ["▁", "a", "c", "f", "é", "▁a", "▁c", "▁ca", "▁caf", "▁café"]:
+        spm_vocab[t] = len(spm_vocab)
+    spm_merges = [("▁", "a"), ("▁", "c"), ("▁c", "a"), ("▁ca", "f"), ("▁caf", "é")]
+    sp = Tokenizer(models.BPE(vocab=spm_vocab, merges=spm_merges, unk_token="<unk>", byte_fallback=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=bl), PreTrainedTokenizerFast(tokenizer_object=sp)
+
+
+def test_hand_built_cafe_byte_level_meets_sentencepiece():
+    bl, sp = _cafe_tokenizers()
+    text = "a café"
+    assert bl.convert_ids_to_tokens(bl(text)["input_ids"]) == ["a", "ĠcafÃ©"]
+    assert sp.convert_ids_to_tokens(sp(text)["input_ids"]) == ["▁a", "▁café"]
+    r = align_text(sp, bl, text)
+    assert r.tgt_to_src.tolist() == [-1, 1]  # `▁a` carries a space that is not in the text
+    r = align_text(bl, sp, text)
+    assert r.tgt_to_src.tolist() == [-1, 1]
+    v_sb, v_bs = build_vocab_map(sp, bl), build_vocab_map(bl, sp)
+    cafe_sp, cafe_bl = sp.convert_tokens_to_ids("▁café"), bl.convert_tokens_to_ids("ĠcafÃ©")
+    assert v_sb[cafe_sp] == cafe_bl and v_bs[cafe_bl] == cafe_sp
+    # A SentencePiece byte piece meets the byte-level character standing for that byte.
+    assert v_sb[sp.convert_tokens_to_ids("<0xC3>")] == bl.convert_tokens_to_ids("Ã")
+    assert align_mined(["▁a", "▁café"], ["a", "ĠcafÃ©"]).tolist() == [-1, -1]  # raw strings differ
+    surf_sp, surf_bl = token_surface(sp), token_surface(bl)
+    assert surf_sp[cafe_sp] == surf_bl[cafe_bl] == " café".encode()
+
+
+# --- vocabulary mapping ---------------------------------------------------------------------------
+
+def test_vocab_map_round_trips_and_keeps_surfaces(toks):
+    for a, b in itertools.product(toks, repeat=2):
+        ab, ba = build_vocab_map(toks[a], toks[b]), build_vocab_map(toks[b], toks[a])
+        sa, sb = token_surface(toks[a]), token_surface(toks[b])
+        assert len(ab) == len(sa) and ab.max() < len(sb)
+        special = set(toks[a].all_special_ids)
+        counts: dict[bytes, int] = {}
+        for i, s in enumerate(sa):
+            if i not in special:
+                counts[s] = counts.get(s, 0) + 1
+        n_checked = 0
+        for i, s in enumerate(sa):
+            if i in special or ab[i] < 0:
+                continue
+            assert sb[ab[i]] == s
+            if counts[s] == 1:
+                assert ba[ab[i]] == i, (a, b, s)
+                n_checked += 1
+        assert n_checked > 200
+        assert ab[toks[a].eos_token_id] == toks[b].eos_token_id
+        if same_tokenizer(toks[a], toks[b]):
+            assert (ab == np.arange(len(sa))).all()
+
+
+def test_vocab_map_special_pairs_and_soft(toks):
+    src, tgt = toks["gemma_unigram"], toks["chatml_bpe"]
+    eot_s = end_of_turn_id(src, BUILTIN_TEMPLATES["gemma"])
+    eot_t = end_of_turn_id(tgt, BUILTIN_TEMPLATES["chatml"])
+    exact = build_vocab_map(src, tgt, special_pairs={eot_s: eot_t})
+    assert exact[eot_s] == eot_t
+    soft = build_vocab_map(src, tgt, mode="soft", special_pairs={eot_s: eot_t})
+    mapped = exact >= 0
+    assert (soft[mapped] == exact[mapped]).all() and (soft >= 0).sum() > mapped.sum()
+    ss, st_ = token_surface(src), token_surface(tgt)
+    new = np.flatnonzero((soft >= 0) & ~mapped)
+    d = [edit_distance_matrix([ss[i]], [st_[soft[i]]])[0, 0] for i in new]
+    assert all(di <= 0.5 * len(ss[i]) for di, i in zip(d, new))
+    with pytest.raises(ValueError, match="exact' or 'soft"):
+        build_vocab_map(src, tgt, mode="fuzzy")
+
+
+def test_vocab_map_cache(toks, tmp_path):
+    a, b = toks["vicuna_spm"], toks["chatml_bpe"]
+    m1 = load_or_build_vocab_map(a, b, tmp_path)
+    files = list(tmp_path.glob("vocab_map-*.npy"))
+    assert len(files) == 1
+    assert (load_or_build_vocab_map(a, b, tmp_path) == m1).all()
+    load_or_build_vocab_map(a, b, tmp_path, mode="soft")
+    load_or_build_vocab_map(a, b, tmp_path, special_pairs={2: 2})
+    assert len(list(tmp_path.glob("vocab_map-*.npy"))) == 3
+
+
+# --- map_topk -------------------------------------------------------------------------------------
+
+def test_map_topk_merges_drops_and_reports_mass():
+    vmap = np.array([5, 5, -1, 7, 2])  # source ids 0 and 1 collide on target 5; 2 has no counterpart
+    ids = np.array([[0, 1, 2, 3], [4, -1, -1, -1], [2, 9, -1, -1]])
+    lp = np.log(np.array([[0.4, 0.2, 0.1, 0.05], [0.5, 1, 1, 1], [0.3, 0.1, 1, 1]]))
+    out_ids, out_lp, kept = map_topk(ids, lp, vmap)
+    assert out_ids.tolist() == [[5, 7, -1, -1], [2, -1, -1, -1], [-1, -1, -1, -1]]
+    np.testing.assert_allclose(np.exp(out_lp[0, :2]), [0.6, 0.05], rtol=1e-6)
+    np.testing.assert_allclose(np.exp(out_lp[1, 0]), 0.5, rtol=1e-6)
+    assert np.isneginf(out_lp[out_ids == PAD_ID]).all()
+    np.testing.assert_allclose(kept, [0.65 / 0.75, 1.0, 0.0])
+    # Identity (same tokenizer): a copy, every valid entry kept.
+    cid, clp, ck = map_topk(ids, lp, None)
+    assert (cid[0] == [0, 1, 2, 3]).all() and (ck == 1).all()
+
+
+def test_map_topk_vectorized_matches_loop():
+    rng = np.random.default_rng(0)
+    R, k, V = 200, 10, 50
+    ids = rng.integers(-1, V + 5, size=(R, k))
+    lp = np.log(rng.dirichlet(np.ones(k + 2), size=R)[:, :k])
+    vmap = rng.integers(-1, 20, size=V)
+    out_ids, out_lp, kept = map_topk(ids, lp, vmap)
+    for r in range(R):
+        acc: dict[int, float] = {}
+        for i, l in zip(ids[r], lp[r]):
+            if 0 <= i < V and vmap[i] >= 0:
+                acc[int(vmap[i])] = np.logaddexp(acc.get(int(vmap[i]), -np.inf), l)
+        got = {int(i): float(l) for i, l in zip(out_ids[r], out_lp[r]) if i >= 0}
+        assert got.keys() == acc.keys()
+        for key in acc:
+            assert math.isclose(got[key], acc[key], rel_tol=1e-5, abs_tol=1e-6)
+        valid = ids[r] >= 0
+        expect = sum(math.exp(l) for i, l in zip(ids[r], lp[r]) if 0 <= i < V and vmap[i] >= 0)
+        assert math.isclose(kept[r], expect / np.exp(lp[r][valid]).sum(), rel_tol=1e-9)
+        vals = out_lp[r][out_ids[r] >= 0]
+        assert (np.diff(vals) <= 0).all() and (out_ids[r][len(vals):] == PAD_ID).all()
+
+
+def test_aligned_topk_gathers_teacher_rows():
+    vmap = np.array([3, -1, 4, 5])
+    ids = np.array([[0, 1], [2, 3], [3, -1]])
+    lp = np.log(np.array([[0.6, 0.3], [0.5, 0.4], [0.9, 1.0]]))
+    out_ids, out_lp, kept = aligned_topk(np.array([-1, 2, 0, -1, 1]), ids, lp.astype(np.float16), vmap)
+    assert out_ids.tolist() == [[-1, -1], [5, -1], [3, -1], [-1, -1], [4, 5]]
+    np.testing.assert_allclose(kept, [0, 1, 0.6 / 0.9, 0, 1], rtol=1e-3)
+    np.testing.assert_allclose(np.exp(out_lp[4]), [0.5, 0.4], rtol=1e-3)
+
+
+# --- MinED ------------------------------------------------------------------------------------------
+
+def _dtw_reference(cost):
+    """FuseLLM's dtw (per-cell Python), returning the backtracked path."""
+    n, m = cost.shape
+    D = np.full((n + 1, m + 1), np.inf)
+    D[0, 0] = 0
+    for i in range(n):
+        for j in range(m):
+            D[i + 1, j + 1] = cost[i, j] + min(D[i, j + 1], D[i + 1, j], D[i, j])
+    D = D[1:, 1:]
+    i, j, path = n - 1, m - 1, []
+    while i > 0 or j > 0:
+        path.append((i, j))
+        opts = [D[i - 1, j - 1] if i > 0 and j > 0 else np.inf, D[i - 1, j] if i > 0 else np.inf,
+                D[i, j - 1] if j > 0 else np.inf]
+        move = int(np.argmin(opts))
+        i, j = (i - 1, j - 1) if move == 0 else (i - 1, j) if move == 1 else (i, j - 1)
+    return [(0, 0)] + path[::-1]
+
+
+@settings(max_examples=50, deadline=None, database=None)
+@given(st.integers(1, 12), st.integers(1, 12), st.integers(0, 2**32 - 1))
+def test_dtw_path_matches_fusellm_dtw(n, m, seed):
+    cost = np.random.default_rng(seed).integers(0, 4, size=(n, m))
+    assert dtw_path(cost) == _dtw_reference(cost)
+
+
+def test_edit_distance_matrix_hand_values():
+    d = edit_distance_matrix([b"kitten", b"", b"abc"], [b"sitting", b"abc", b""])
+    assert d.tolist() == [[3, 6, 6], [7, 3, 0], [7, 0, 3]]
+
+
+@settings(max_examples=50, deadline=None, database=None)
+@given(st.lists(st.sampled_from(["a", " a", "b", "ab", " ", "\n", "é", "😀", "xyz"]), min_size=1, max_size=40))
+def test_mined_equal_strings_is_identity(tokens):
+    assert align_mined(tokens, tokens).tolist() == list(range(len(tokens)))
+
+
+def test_mined_agrees_with_spans_on_simple_ascii(toks):
+    rng = np.random.default_rng(0)
+    words = "the cat sat on a mat and 12 dogs ran to it , . what is plus answer".split()
+    agree = total = 0
+    for a, b in [("chatml_bpe", "vicuna_spm"), ("vicuna_spm", "chatml_bpe")]:
+        for _ in range(10):
+            text = " ".join(rng.choice(words, 20))
+            r, m = align_text(toks[a], toks[b], text), align_text(toks[a], toks[b], text, method="mined")
+            agree += (r.tgt_to_src == m.tgt_to_src).sum()
+            total += len(r.tgt_to_src)
+    assert agree / total > 0.95
+    text = "What is 12 plus 30? The answer is 42."
+    r = align_text(toks["vicuna_spm"], toks["chatml_bpe"], text)
+    m = align_text(toks["vicuna_spm"], toks["chatml_bpe"], text, method="mined")
+    assert (r.tgt_to_src == m.tgt_to_src).all()
+
+
+# --- align_spans / align_response -----------------------------------------------------------------
+
+def test_align_spans_exact_unique_and_masked():
+    src_s, src_e = np.array([0, 2, 2, 5, 7]), np.array([2, 5, 5, 7, 9])  # (2,5) twice: ambiguous
+    tgt_s, tgt_e = np.array([0, 2, 5, 6, 7]), np.array([2, 5, 6, 7, 9])
+    assert align_spans(src_s, src_e, tgt_s, tgt_e).tolist() == [0, -1, -1, -1, 4]
+    valid = np.array([True, True, True, True, False])
+    assert align_spans(src_s, src_e, tgt_s, tgt_e, src_valid=valid).tolist() == [0, -1, -1, -1, -1]
+    assert align_spans([], [], tgt_s, tgt_e).tolist() == [-1] * 5
+
+
+@pytest.mark.parametrize("src,tgt", list(itertools.product(list(FAMILIES) + ["target"], repeat=2)))
+def test_align_response_in_chat_renderings(toks, src, tgt):
+    msgs = [{"role": "user", "content": "Say something about café culture."}]
+    response = "Café culture: 2 espressos ☕ and a croissant.\n\nSee  you!"
+    encs, eots, parts = {}, {}, {}
+    for n in (src, tgt):
+        tpl = BUILTIN_TEMPLATES[TEMPLATES[n]]
+        parts[n] = split_response(toks[n], tpl, msgs, response)
+        encs[n] = encode_chat(toks[n], tpl, msgs, response)
+        eots[n] = end_of_turn_id(toks[n], tpl)
+    (sp, sr), (tp, tr) = parts[src], parts[tgt]
+    r = align_response(toks[src], sp + sr, len(sp), toks[tgt], tp + tr, len(tp), response, eots[src], eots[tgt])
+    assert r.src_ids.tolist() == encs[src].input_ids[encs[src].prompt_len:]
+    assert r.tgt_ids.tolist() == encs[tgt].input_ids[encs[tgt].prompt_len:]
+    src_eot = r.src_ids.tolist().index(eots[src])
+    tgt_eot = r.tgt_ids.tolist().index(eots[tgt])
+    assert r.tgt_to_src[tgt_eot] == src_eot
+    if TEMPLATES[src] == TEMPLATES[tgt] and same_tokenizer(toks[src], toks[tgt]):
+        assert r.method == "copy" and (r.tgt_to_src == np.arange(len(r.tgt_ids))).all()
+        return
+    sa, sb = token_surface(toks[src]), token_surface(toks[tgt])
+    j = np.flatnonzero(r.tgt_to_src >= 0)
+    j = j[j != tgt_eot]
+    assert [sa[x] for x in r.src_ids[r.tgt_to_src[j]]] == [sb[x] for x in r.tgt_ids[j]]
+    assert len(j) > 0.3 * (len(r.tgt_ids) - 2)
+    with pytest.raises(ValueError, match="verbatim"):
+        align_response(toks[src], sp + sr, len(sp), toks[tgt], tp + tr, len(tp), response + "!")
