@@ -85,6 +85,9 @@ class ScorerConfig:
     trust_remote_code: bool = _f(False, help="As for models.")
     allow_pickle: bool = _f(False, help="As for models.")
     batch_size: int = _f(8, help="Scoring batch size.", ge=1)
+    max_length: Optional[int] = _f(
+        None, help="reward_model: tokens kept per conversation (the start is cut); null = the model's own limit.", ge=8
+    )
 
     def __post_init__(self):
         if not self.name:
@@ -113,6 +116,7 @@ class GenerateConfig:
     do_sample: bool = _f(False, help="Sample (seeded) instead of greedy decoding.")
     temperature: float = _f(1.0, help="Sampling temperature.", gt=0.0)
     top_p: float = _f(1.0, help="Nucleus sampling mass.", gt=0.0, le=1.0)
+    top_k: int = _f(0, help="Sample only among the k most likely tokens; 0 = no top-k cut.", ge=0)
     batch_size: int = _f(8, help="Prompts per generation batch.", ge=1)
 
 
@@ -124,6 +128,12 @@ class PrepConfig:
     generate: GenerateConfig = _f(factory=GenerateConfig, help="Response generation (inference mode).")
     vocab_mapping: Literal["exact", "soft"] = _f(
         "exact", help="Source->target token mapping: exact surface match, or nearest by edit distance."
+    )
+    chunk_tokens: int = _f(
+        1024, help="Response positions whose logits are cast to fp32 at once for top-k and CE (memory bound).", ge=1
+    )
+    dist_timeout_minutes: int = _f(
+        720, help="How long a rank waits at a barrier for the others (multi-process prep).", ge=1
     )
 
 
@@ -145,25 +155,32 @@ class TrainConfig:
     )
     divergence: Literal["forward_kl", "reverse_kl", "ce"] = _f("forward_kl", help="Distillation divergence D.")
     temperature: float = _f(1.0, help="Distillation temperature tau.", gt=0.0)
-    loss_chunk_size: int = _f(1024, help="Sequence positions per loss chunk (memory bound).", ge=1)
+    loss_chunk_size: int = _f(
+        256, help="Sequence positions per fp32 loss chunk: the loss holds chunk x vocab fp32 temporaries "
+        "(smaller = less memory, more passes).", ge=1
+    )
     learning_rate: float = _f(1e-5, help="Peak learning rate.", gt=0.0)
     num_train_epochs: float = _f(3.0, help="Epochs over the training set.", gt=0.0)
     max_steps: int = _f(-1, help="If > 0, stop after this many optimizer steps.")
     per_device_train_batch_size: int = _f(1, help="Micro-batch size per GPU.", ge=1)
     gradient_accumulation_steps: int = _f(1, help="Micro-batches per optimizer step.", ge=1)
-    warmup_ratio: float = _f(0.03, help="Linear warm-up fraction.", ge=0.0, le=1.0)
-    lr_scheduler_type: str = _f("cosine", help="transformers scheduler name.")
+    warmup_ratio: float = _f(0.03, help="Linear warm-up, as a fraction of the optimizer steps.", ge=0.0, lt=1.0)
+    lr_scheduler_type: str = _f("cosine", help="transformers scheduler name (cosine, linear, constant, ...).")
+    optim: str = _f("adamw_torch", help="transformers optimizer name (adamw_torch, adamw_torch_fused, ...).")
     weight_decay: float = _f(0.0, help="AdamW weight decay.", ge=0.0)
     max_grad_norm: float = _f(1.0, help="Gradient clipping norm.", ge=0.0)
     bf16: bool = _f(False, help="bf16 mixed precision (GPU).")
     gradient_checkpointing: bool = _f(False, help="Trade compute for activation memory.")
     deepspeed: Optional[str] = _f(None, help="DeepSpeed JSON config (see deepspeed_configs/).")
-    group_by_length: bool = _f(False, help="Batch samples of similar length together.")
+    group_by_length: bool = _f(False, help="Batch samples of similar length together (seeded, resumable order).")
+    pad_to_multiple_of: Optional[int] = _f(None, help="Pad each batch's length to a multiple of N (e.g. 8 on GPU).", ge=1)
     logging_steps: int = _f(1, help="Log every N optimizer steps.", ge=1)
     save_steps: int = _f(500, help="Checkpoint every N optimizer steps.", ge=1)
     save_total_limit: Optional[int] = _f(2, help="Keep at most N checkpoints.", ge=1)
-    output_dir: Optional[str] = _f(None, help="Defaults to RUN_DIR/train.")
-    resume: bool = _f(True, help="Resume from the latest checkpoint in output_dir if there is one.")
+    output_dir: Optional[str] = _f(
+        None, help="Checkpoints (checkpoint-N/) and the final model (final/); defaults to RUN_DIR/train."
+    )
+    resume: bool = _f(True, help="Resume from the latest complete checkpoint in output_dir if there is one.")
 
 
 @dataclass

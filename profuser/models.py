@@ -121,8 +121,11 @@ def _check_no_pickle(directory: str, spec: ModelConfig) -> None:
 
 
 def load_model(spec: ModelConfig, auto_class: str = "AutoModelForCausalLM", device: Optional[str] = None,
-               dtype=None, **extra):
-    """Load weights for `spec`; returns (model, attn_implementation). Logs the attention choice."""
+               dtype=None, place: bool = True, **extra):
+    """Load weights for `spec`; returns (model, attn_implementation). Logs the attention choice.
+
+    `place=False` leaves the model where from_pretrained put it (for training: the Trainer or
+    DeepSpeed places it, and a model loaded under ZeRO-3 is already partitioned)."""
     import transformers
 
     directory, gguf = _split(spec.path)
@@ -151,8 +154,9 @@ def load_model(spec: ModelConfig, auto_class: str = "AutoModelForCausalLM", devi
         raise ModelLoadError(f"{spec.name}: could not load {spec.path!r}: {last}") from last
     impl = getattr(model.config, "_attn_implementation", impl)
     log.info("%s: loaded %s (%s, %s) with attention=%s", spec.name, type(model).__name__, device, dtype, impl)
-    model.to(device)
-    model.eval()
+    if place:
+        model.to(device)
+        model.eval()
     return model, impl
 
 

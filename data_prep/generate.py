@@ -1,0 +1,23 @@
+"""Data prep stage 'generate': every source answers every prompt with its own chat template.
+
+    python data_prep/generate.py CONFIG [key.sub=value ...]
+    deepspeed --num_gpus 8 data_prep/generate.py CONFIG        # one process per GPU (CPU: DS_ACCELERATOR=cpu)
+    torchrun --nproc_per_node 8 data_prep/generate.py CONFIG
+
+Outputs go to RUN_DIR/prep/generate/; finished shards are skipped on a rerun. Same as
+`profuser prep CONFIG --stage generate`.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from profuser.prep.run import script_main  # noqa: E402
+
+
+def main() -> int:
+    return script_main("generate")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

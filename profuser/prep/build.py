@@ -1,0 +1,114 @@
+"""Stage 6, build: the training set — one row per sample joining its two modes' aligned teacher rows.
+
+Columns (docs/CONTRACTS_DRAFT.md; read by profuser.train.dataset.FusionDataset):
+  id, meta (the record's meta as a JSON string), and per mode m in (training, inference):
+  {m}_input_ids, {m}_labels (-100 on the prompt), {m}_teacher (source name), {m}_teacher_score
+  (training: the teacher's CE; inference: its scorer votes), {m}_topk_ids [T, k] int32 (-1 = none),
+  {m}_topk_logprobs [T, k] float16 — all null when the sample has no aligned row in that mode.
+A sample with neither mode is rejected (no_teacher).
+
+Unlike the other stages the output is flat: RUN_DIR/prep/build/shard-NNNNN.parquet (+ its .json
+sidecar, manifest.json, rejects.jsonl), so the training set is `RUN_DIR/prep/build/*.parquet` and
+loads with `datasets.Dataset.from_parquet(sorted(files))`. Shard i holds normalize's shard i, rows
+in input order, whatever the number of processes. The join is done with Arrow `take`: the nested
+teacher columns are never turned into Python objects.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from profuser.prep.shards import StageDir, atomic_write_json, shard_name
+from profuser.prep.stages import Context, Progress, Stage, sidecar_info, up
+
+BUILD_VERSION = 1
+PART = ""  # the shards live in the stage directory itself (see the module docstring)
+MODES = ("training", "inference")
+FIELDS = {  # build column suffix -> (align column, type)
+    "input_ids": ("input_ids", pa.list_(pa.int32())),
+    "labels": ("labels", pa.list_(pa.int32())),
+    "teacher": ("source", pa.string()),
+    "teacher_score": ("teacher_score", pa.float64()),
+    "topk_ids": ("topk_ids", pa.list_(pa.list_(pa.int32()))),
+    "topk_logprobs": ("topk_logprobs", pa.list_(pa.list_(pa.float16()))),
+}
+SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("meta", pa.string())]
+                   + [pa.field(f"{m}_{f}", t) for m in MODES for f, (_, t) in FIELDS.items()])
+
+
+class BuildStage(Stage):
+    name = "build"
+    needs = ("normalize", "align")
+
+    def parts(self, cfg, plan):
+        return {PART: {"upstream": {**up(plan, "normalize"), **up(plan, "align")}, "version": BUILD_VERSION}}
+
+    def run(self, ctx: Context, todo: dict[str, list[int]]) -> None:
+        from profuser.prep.align_stage import SCHEMA as ALIGN_SCHEMA
+
+        shards = todo.get(PART)
+        if not shards:
+            return
+        cfg, sd, asd, norm = ctx.cfg, ctx.stage_dir(self.name), ctx.stage_dir("align"), ctx.stage_dir("normalize")
+        sources = [m.name for m in cfg.sources]
+        cols = [c for c, _ in FIELDS.values()]
+        bar = Progress(ctx, sum(norm.num_rows("records", i) for i in shards), "build")
+        for i in shards:
+            t0 = time.time()
+            records = norm.read("records", i, ["id", "meta"])
+            ids = records["id"].to_pylist()
+            picked = {}
+            for m in MODES:
+                parts = [asd.read(f"{m}/{s}", i, ["id", *cols]) for s in sources]
+                table = pa.concat_tables(parts) if parts else ALIGN_SCHEMA.empty_table().select(["id", *cols])
+                at = {rid: j for j, rid in enumerate(table["id"].to_pylist())}
+                picked[m] = (table, [at.get(rid) for rid in ids])
+            keep = [j for j, rid in enumerate(ids) if any(picked[m][1][j] is not None for m in MODES)]
+            rejects = [{"id": rid, "kind": "no_teacher",
+                        "reason": "no aligned teacher row in either mode (see the teacher and align rejects "
+                                  "for this id)"}
+                       for j, rid in enumerate(ids) if all(picked[m][1][j] is None for m in MODES)]
+            take = pa.array(keep, pa.int64())
+            arrays = [records["id"].take(take), records["meta"].take(take)]
+            for m in MODES:
+                table, rows = picked[m]
+                idx = pa.array([rows[j] for j in keep], pa.int64())
+                arrays += [table[c].take(idx).cast(t) for c, t in FIELDS.values()]
+            out = pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays],
+                                       schema=SCHEMA)
+            modes = {m: sum(picked[m][1][j] is not None for j in keep) for m in MODES}
+            modes["both"] = sum(all(picked[m][1][j] is not None for m in MODES) for j in keep)
+            tokens = sum(pc.sum(pc.list_value_length(out[f"{m}_input_ids"])).as_py() or 0 for m in MODES)
+            commit(sd, i, out, sidecar_info(len(ids), len(keep), rejects, time.time() - t0, tokens, modes=modes))
+            bar.update(len(ids), tokens)
+        bar.close()
+
+    def finalize(self, ctx, sd, parts, rejects):
+        n = len(parts[PART]["shards"])
+        modes = dict.fromkeys((*MODES, "both"), 0)
+        for i in range(n):
+            for m, c in sd.sidecar(PART, i).get("modes", {}).items():
+                modes[m] += c
+        rows = parts[PART]["counts"]["out"]
+        ctx.say(f"build: {rows} training samples in {sd.root}/*.parquet — training mode {modes['training']}, "
+                f"inference mode {modes['inference']}, both {modes['both']}")
+        return {"modes": modes}
+
+
+
+def commit(sd: StageDir, i: int, table: pa.Table, info: dict) -> None:
+    """StageDir.commit, except that a shard without rows is written with no row group at all:
+    `datasets.Dataset.from_parquet` (so the trainer) fails on a file holding one empty row group
+    ("BatchSize must be greater than 0") and reads a file without row groups fine."""
+    if table.num_rows:
+        sd.commit(PART, i, table, info)
+        return
+    path = sd.shard_path(PART, i)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.ParquetWriter(tmp, table.schema, compression="zstd").close()
+    os.replace(tmp, path)
+    atomic_write_json(sd.sidecar_path(PART, i), {"shard": shard_name(i), "rows": 0, **info})

@@ -1,0 +1,128 @@
+"""Prep statistics: per-source score and CE distributions and the win-rate table per mode.
+
+Written to run_dir/prep/stats.json and, when W&B is enabled, logged to a `prep` run (offline
+unless an API key is configured; `wandb sync` uploads it later).
+"""
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from profuser.config import WandbConfig
+from profuser.prep.shards import atomic_write_json
+
+MODES = ("training", "inference")
+
+
+def collect_stats(ctx) -> dict:
+    cfg = ctx.cfg
+    sources = [m.name for m in cfg.sources]
+    scorers = [s.name for s in cfg.scorers]
+    n = ctx.stage_dir("normalize").manifest()["n_shards"]
+    scores = {sc: {s: [] for s in sources} for sc in scorers}
+    ce = {m: {s: [] for s in sources} for m in MODES}
+    score_dir, teacher_dir = ctx.stage_dir("score"), ctx.stage_dir("teacher")
+    for i in range(n):
+        for row in score_dir.read("scores", i).to_pylist():
+            for j, src in enumerate(row["sources"]):
+                for sc in scorers:
+                    scores[sc][src].append(row[f"score_{sc}"][j])
+        for m in MODES:
+            for s in sources:
+                ce[m][s] += teacher_dir.read(f"{m}/{s}", i, ["ce"]).column("ce").to_pylist()
+    import pyarrow.parquet as pq
+
+    w = pq.read_table(teacher_dir.root / "winners.parquet", columns=["mode", "source"]).to_pylist()
+    win = {}
+    for m in MODES:
+        total = sum(r["mode"] == m for r in w)
+        win[m] = {s: {"wins": sum(r["mode"] == m and r["source"] == s for r in w),
+                      "share": sum(r["mode"] == m and r["source"] == s for r in w) / total if total else 0.0}
+                  for s in sources}
+    counts = {st: (ctx.stage_dir(st).manifest() or {}).get("counts") for st in ("normalize", "generate", "score")}
+    return {"sources": sources, "scores": scores, "ce": ce, "win_rate": win, "counts": counts}
+
+
+def _summary(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    a = np.asarray(values, dtype=np.float64)
+    return {"n": int(a.size), "mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
+            "p10": float(np.percentile(a, 10)), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)),
+            "max": float(a.max())}
+
+
+def summarize(stats: dict) -> dict:
+    return {
+        "scores": {sc: {s: _summary(v) for s, v in per.items()} for sc, per in stats["scores"].items()},
+        "ce": {m: {s: _summary(v) for s, v in per.items()} for m, per in stats["ce"].items()},
+        "win_rate": stats["win_rate"],
+        "counts": stats["counts"],
+    }
+
+
+def wandb_mode(w: WandbConfig) -> Optional[str]:
+    """None (do not log), "online" or "offline". auto = online only when an API key is configured."""
+    if not w.enabled or w.mode == "disabled":
+        return None
+    if w.mode != "auto":
+        return w.mode
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled"):
+        return None if env == "disabled" else env
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        pass
+    return "offline"
+
+
+def log_stats(ctx, stats: dict) -> Optional[str]:
+    """stats.json always; a W&B run when enabled. Returns the W&B run directory (or None)."""
+    cfg = ctx.cfg
+    summary = summarize(stats)
+    atomic_write_json(ctx.prep_dir / "stats.json", summary)
+    mode = wandb_mode(cfg.wandb)
+    if mode is None:
+        return None
+    import wandb
+
+    run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, dir=cfg.run_dir, mode=mode,
+                     name=f"{Path(cfg.run_dir).name}-prep", job_type="prep", tags=list(cfg.wandb.tags),
+                     config=cfg.to_dict())
+    data = {}
+    for sc, per in stats["scores"].items():
+        for s, v in per.items():
+            if v:
+                data[f"prep/score/{sc}/{s}"] = wandb.Histogram(v)
+    for m, per in stats["ce"].items():
+        for s, v in per.items():
+            if v:
+                data[f"prep/ce/{m}/{s}"] = wandb.Histogram(v)
+    rows = [[m, s, r["wins"], r["share"]] for m, per in stats["win_rate"].items() for s, r in per.items()]
+    data["prep/win_rate"] = wandb.Table(columns=["mode", "source", "wins", "share"], data=rows)
+    run.log(data)
+    flat = {}
+    for m, per in summary["ce"].items():
+        for s, v in per.items():
+            if v.get("n"):
+                flat[f"prep/ce_mean/{m}/{s}"] = v["mean"]
+    for sc, per in summary["scores"].items():
+        for s, v in per.items():
+            if v.get("n"):
+                flat[f"prep/score_mean/{sc}/{s}"] = v["mean"]
+    for m, per in stats["win_rate"].items():
+        for s, r in per.items():
+            flat[f"prep/win_share/{m}/{s}"] = r["share"]
+    run.summary.update(flat)
+    where = run.dir
+    run.finish()
+    ctx.say(f"prep statistics logged to W&B ({mode}); stats also in {ctx.prep_dir / 'stats.json'}")
+    return where
