@@ -43,6 +43,59 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--load-weights", action="store_true", help="Also load every model's weights (slow for big models).")
     p.set_defaults(func=cmd_check)
+
+    from profuser.prep.run import STAGE_NAMES, cmd_prep
+
+    p = sub.add_parser("prep", help="Teacher-signal data prep: normalize, generate, score, teacher.",
+                       description="Run the data-prep stages (" + ", ".join(STAGE_NAMES) + ") in order, skipping "
+                                   "finished ones and resuming interrupted ones; outputs go to RUN_DIR/prep/. Under "
+                                   "the deepspeed or torchrun launcher the shards are split across the processes "
+                                   "(launch/prep.sh).")
+    _add_config_args(p)
+    p.add_argument("--stage", choices=STAGE_NAMES, default=None,
+                   help="Run only this stage (its inputs must be complete). Default: all stages.")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from launchers
+    p.set_defaults(func=cmd_prep)
+
+    from profuser.train.__main__ import add_arguments as add_train_arguments, run as run_train
+
+    p = sub.add_parser("train", help="Train the target by progressive fusion on the built training set.",
+                       description="Train the target on RUN_DIR/prep/build (or --data) with the config's train "
+                                   "section; one process here, or N per node under `deepspeed --module "
+                                   "profuser.train` / launch/train.sh. Resumes from the last complete checkpoint.")
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
+
+    from profuser.evaluate import cmd_eval
+
+    p = sub.add_parser("eval", help="Held-out CE, scores and win rates of a model; writes results.json.",
+                       description="Evaluate a model on data.eval_path: teacher-forced CE and perplexity on the "
+                                   "ground truth, greedy responses scored by the run's scorers, win rate against "
+                                   "each source's responses, per-skill breakdown; optional lm-eval tasks "
+                                   "(eval.lm_eval_tasks, needs the eval extra).")
+    _add_config_args(p)
+    p.add_argument("--model", required=True,
+                   help="A trained model directory (e.g. RUN_DIR/train/final) or a source/target name from the config.")
+    p.add_argument("--out", default=None, help="results.json path (default: RUN_DIR/eval/<model>/results.json).")
+    p.add_argument("--no-compare", action="store_true", help="Skip the win rates against the sources.")
+    p.set_defaults(func=cmd_eval)
+
+    from profuser.report import cmd_report
+
+    p = sub.add_parser("report", help="PNG figures and a Markdown summary of a run (no W&B account needed).",
+                       description="Render the run's prep statistics, training curves (loss parts per mode, "
+                                   "schedule weights, teacher shares) and eval results to RUN_DIR/report/.")
+    p.add_argument("run_dir", help="The run directory (the config's run_dir).")
+    p.add_argument("--out", default=None, help="Output directory (default: RUN_DIR/report).")
+    p.set_defaults(func=cmd_report)
+
+    from profuser.demo import add_arguments as add_demo_arguments, run_demo
+
+    p = sub.add_parser("demo", help="The whole pipeline on tiny specialist models on a CPU, in minutes.",
+                       description="Build three tiny specialist sources and a target, prep, train the presets "
+                                   "with 2 CPU ranks under DeepSpeed ZeRO-2, evaluate, and print a table.")
+    add_demo_arguments(p)
+    p.set_defaults(func=run_demo)
     return parser
 
 

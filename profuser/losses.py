@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "ce")
@@ -103,8 +102,11 @@ def fusion_loss(
             logprobs / tau, and is multiplied by tau**2 (Hinton) so its gradient scale does not
             shrink with tau. The CE term always uses tau = 1.
         fusellm_lambda: if set, total = lambda * CE + (1 - lambda) * D (FuseLLM form).
-        chunk_size: sequence positions per chunk. Each chunk is recomputed in backward
-            (activation checkpointing), so no fp32 [B, T, V] tensor ever lives for the full sequence.
+        chunk_size: sequence positions per chunk. With gradients on, each chunk's gradient is
+            computed in the forward pass and written into one logits-shaped, logits-typed tensor
+            (``_FusedChunks``), so no fp32 [B, T, V] tensor ever lives for the full sequence and the
+            step needs no more [B, T, V] memory than plain CE. ``ce_sum``/``kd_sum`` then carry no
+            gradient (backpropagate ``total_sum`` or ``mean()``).
 
     Positions with a label but no teacher entry add CE only; label -100 positions add nothing.
     Returns :class:`LossParts` of sums; all-masked input gives zeros with a zero gradient.
@@ -131,22 +133,74 @@ def fusion_loss(
             f"must both be [B, T, K] with [B, T] = {tuple(labels.shape)}"
         )
 
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    if topk_ids is not None:
-        topk_ids, topk_logprobs = topk_ids[:, 1:], topk_logprobs[:, 1:]
     tau = float(temperature)
-    ce_sum = kd_sum = logits[:, :0].to(torch.promote_types(logits.dtype, torch.float32)).sum()  # 0 on the graph
-    recompute = torch.is_grad_enabled() and logits.requires_grad
-    for s in range(0, logits.shape[1], chunk_size):
-        e = s + chunk_size
-        ids = None if topk_ids is None else topk_ids[:, s:e]
-        lps = None if topk_logprobs is None else topk_logprobs[:, s:e]
-        args = (logits[:, s:e], labels[:, s:e], ids, lps, divergence, tau)
-        ce, kd = checkpoint(_chunk_sums, *args, use_reentrant=False) if recompute else _chunk_sums(*args)
-        ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
-
-    if fusellm_lambda is None:
-        total = ce_sum + beta * kd_sum
+    weights = (1.0, float(beta)) if fusellm_lambda is None else (float(fusellm_lambda), 1.0 - fusellm_lambda)
+    args = (labels, topk_ids, topk_logprobs, divergence, tau, weights, chunk_size)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        total, ce_sum, kd_sum = _FusedChunks.apply(logits, *args)
     else:
-        total = fusellm_lambda * ce_sum + (1.0 - fusellm_lambda) * kd_sum
-    return LossParts(total, ce_sum, kd_sum, (labels != IGNORE_INDEX).sum())
+        with torch.no_grad():
+            _, ce_sum, kd_sum = _chunked_sums(logits, *args)
+        total = weights[0] * ce_sum + weights[1] * kd_sum
+    return LossParts(total, ce_sum, kd_sum, (labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _chunked_sums(logits, labels, topk_ids, topk_logprobs, divergence, tau, weights, chunk_size, grad_out=None):
+    """(total, ce, kd) sums over the sequence, one chunk of positions at a time (fp32 per chunk).
+
+    With ``grad_out`` (a tensor shaped like ``logits``), d total / d logits of each chunk is computed
+    right away and written into it: only one chunk's fp32 [B, C, V] tensors exist at any time.
+    Position t of the logits scores labels and teacher rows t + 1 (the shift).
+    """
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    ce_sum = kd_sum = torch.zeros((), dtype=acc, device=logits.device)
+    for s in range(0, logits.shape[1] - 1, chunk_size):
+        e = min(s + chunk_size, logits.shape[1] - 1)
+        ids = None if topk_ids is None else topk_ids[:, s + 1:e + 1]
+        lps = None if topk_logprobs is None else topk_logprobs[:, s + 1:e + 1]
+        x = logits[:, s:e].detach()
+        if grad_out is None:
+            ce, kd = _chunk_sums(x, labels[:, s + 1:e + 1], ids, lps, divergence, tau)
+        else:
+            x.requires_grad_(True)
+            # this chunk's graph is freed right here: keep outer saved-tensor hooks (offloading,
+            # checks) away from it; they see only what is kept for backward (the gradient)
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                ce, kd = _chunk_sums(x, labels[:, s + 1:e + 1], ids, lps, divergence, tau)
+                (g,) = torch.autograd.grad(weights[0] * ce + weights[1] * kd, x)
+            grad_out[:, s:e] = g
+            ce, kd = ce.detach(), kd.detach()
+        ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
+    return weights[0] * ce_sum + weights[1] * kd_sum, ce_sum, kd_sum
+
+
+class _FusedChunks(torch.autograd.Function):
+    """``total`` with its gradient computed chunk by chunk during the forward pass.
+
+    Kept for backward: d total / d logits as ONE tensor shaped and typed like the logits (their
+    gradient has to exist anyway). No fp32 [B, T, V] tensor, no log-softmax of the whole sequence
+    and no full-size gradient of each chunk's slice is ever allocated. ``ce`` and ``kd`` are returned
+    as non-differentiable (for logging); backward works once (no retain_graph double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, topk_ids, topk_logprobs, divergence, tau, weights, chunk_size):
+        grad = torch.zeros_like(logits)  # the last position scores nothing: its gradient stays 0
+        total, ce, kd = _chunked_sums(logits, labels, topk_ids, topk_logprobs, divergence, tau, weights,
+                                      chunk_size, grad_out=grad)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce, kd)
+        return total, ce, kd
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_total, g_ce, g_kd):
+        if getattr(ctx, "used", False):  # the saved gradient was scaled in place by the first backward
+            raise RuntimeError("fusion_loss: backward can run only once per forward (no retain_graph)")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        if not (g_total.numel() == 1 and float(g_total) == 1.0):
+            grad.mul_(g_total.to(grad.dtype))  # in place: no second [B, T, V] tensor
+        return grad, None, None, None, None, None, None, None
+
+

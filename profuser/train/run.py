@@ -1,0 +1,127 @@
+"""The training recipe: setup (args, tokenizer, data, model, W&B), train (resuming), save the final model.
+
+    profuser train CONFIG [key.sub=value ...] [--data DIR]                 # one process
+    deepspeed --num_gpus N --module profuser.train CONFIG [...]            # N processes per node
+    bash launch/train.sh CONFIG [...]                                       # the launcher, one node or HOSTFILE
+
+Outputs under ``train.output_dir`` (default RUN_DIR/train): ``checkpoint-N/`` (full training state),
+``final/`` (the trained model as a standard Hugging Face directory with the target's tokenizer and
+chat template), ``metrics.jsonl`` (every logged step), ``trainer_state.json`` and ``config.yaml``.
+"""
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import secrets
+from pathlib import Path
+from typing import Optional, Sequence
+from urllib.parse import urlparse
+
+import yaml
+
+from profuser.config import RunConfig
+
+log = logging.getLogger("profuser")
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(cfg: RunConfig) -> str:
+    """online / offline / disabled; ``auto`` is online only when an API key is configured."""
+    if not cfg.wandb.enabled or cfg.wandb.mode == "disabled":
+        return "disabled"
+    if cfg.wandb.mode == "auto":
+        return "online" if _has_wandb_key() else "offline"
+    return cfg.wandb.mode
+
+
+def init_wandb(cfg: RunConfig, output_dir: Path, run_name: str):
+    """Start the W&B run (world rank 0 only) with the whole run config; the Trainer's WandbCallback
+    then logs into it. The run id is kept in output_dir, so a resumed training continues the run."""
+    import wandb
+
+    mode = wandb_mode(cfg)
+    id_file = output_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    id_file.write_text(run_id + "\n")
+    run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, tags=list(cfg.wandb.tags) or None,
+                     name=run_name, id=run_id, resume="allow", mode=mode, dir=str(cfg.run_dir),
+                     config={"run_config": cfg.to_dict()})
+    log.info("W&B run %s (%s) in %s", run.id, mode, run.dir)
+    return run
+
+
+def train(cfg: RunConfig, data: Optional[str] = None, callbacks: Sequence = ()):
+    """Run (or resume) the training the config describes; returns the FusionTrainer."""
+    import torch
+    from transformers import set_seed
+
+    from profuser.chat import end_of_turn_id
+    from profuser.models import load_chat_tokenizer, load_model, resolve_device
+    from profuser.train.args import training_arguments
+    from profuser.train.dataset import FusionDataset
+    from profuser.train.trainer import FusionTrainer, last_complete_checkpoint
+
+    t = cfg.train
+    output_dir = Path(t.output_dir or Path(cfg.run_dir) / "train")
+    data_dir = Path(data or Path(cfg.run_dir) / "prep" / "build")
+    report_to = [] if wandb_mode(cfg) == "disabled" else ["wandb"]
+    # TrainingArguments first: with ZeRO-3 they make from_pretrained load the model partitioned.
+    args = training_arguments(cfg, output_dir, report_to)
+    set_seed(cfg.seed)
+    if args.should_save:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = output_dir / f"config.yaml.tmp{os.getpid()}"
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        os.replace(tmp, output_dir / "config.yaml")
+
+    target = load_chat_tokenizer(cfg.target)
+    tok = target.tokenizer
+    tok.chat_template = target.template  # saved with the model: the template it was trained with
+    with args.main_process_first(desc="loading the training set"):
+        train_set = FusionDataset(data_dir, cache_dir=output_dir / ".dataset_cache")
+    log.info("training set %s: %d samples, per mode %s, teachers %s", data_dir, len(train_set),
+             train_set.mode_counts(), train_set.teacher_names)
+
+    dtype = torch.float32 if cfg.target.dtype == "auto" else getattr(torch, cfg.target.dtype)
+    model, attn = load_model(cfg.target, device=resolve_device(cfg.target.device), dtype=dtype, place=False)
+    eot = end_of_turn_id(tok, target.template)
+    stop = [i for i in dict.fromkeys([eot, tok.eos_token_id]) if i is not None]
+    model.generation_config.eos_token_id = stop if len(stop) > 1 else stop[0]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    log.info("target %s: attention=%s, dtype=%s, bf16=%s, gradient checkpointing=%s, deepspeed=%s",
+             cfg.target.name, attn, dtype, t.bf16, t.gradient_checkpointing, t.deepspeed)
+
+    resume = last_complete_checkpoint(output_dir) if t.resume else None
+    if resume:
+        log.info("resuming from %s", resume)
+    if report_to and args.process_index == 0:
+        init_wandb(cfg, output_dir, args.run_name)
+
+    trainer = FusionTrainer(
+        model=model, args=args, train_dataset=train_set, processing_class=tok, callbacks=list(callbacks),
+        pad_token_id=tok.pad_token_id, teacher_names=train_set.teacher_names,
+        metrics_file=str(output_dir / "metrics.jsonl"),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    log.info("rank %d: forward passes per mode %s, of which %d placeholders", args.process_index,
+             trainer.forward_counts, trainer.placeholder_forwards)
+    final = output_dir / "final"
+    trainer.save_model(str(final))  # every rank: ZeRO-3 gathers the full weights for rank 0
+    if args.should_save:
+        trainer.save_state()
+        log.info("final model saved to %s", final)
+    if report_to and args.process_index == 0:
+        import wandb
+
+        wandb.finish()
+    return trainer
