@@ -340,6 +340,28 @@ def _semantic_checks(cfg: RunConfig) -> None:
         raise ConfigError("train.custom_weights: schedule 'custom' needs a list of [fraction, w_inf, w_train]")
 
 
+def wandb_mode(w: WandbConfig) -> str:
+    """"online", "offline" or "disabled". `auto` follows WANDB_MODE if set, else online only when an
+    API key is configured (WANDB_API_KEY or a netrc entry for the W&B host), else offline."""
+    if not w.enabled or w.mode == "disabled":
+        return "disabled"
+    if w.mode != "auto":
+        return w.mode
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled"):
+        return env
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return "online" if netrc.netrc().authenticators(host) else "offline"
+    except (OSError, netrc.NetrcParseError):
+        return "offline"
+
+
 def missing_paths(cfg: RunConfig) -> list[str]:
     """Every configured path that does not exist, as 'key: value' messages."""
     out = []

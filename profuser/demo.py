@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from profuser.demo_data import SKILLS, make_records
+from profuser.prep.dist import free_port
 
 SPECIALISTS = {"chatml_bpe": "arithmetic", "vicuna_spm": "spelling", "gemma_unigram": "capitals"}
 REPO = Path(__file__).resolve().parents[1]
@@ -158,12 +159,12 @@ def run_demo(args) -> int:
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     _run([py, "-m", "profuser.cli", "prep", str(config)], env)
 
-    for i, preset in enumerate(args.presets):
+    for preset in args.presets:
         out_dir = run_dir / f"train-{preset}"
         if (out_dir / "final" / "config.json").exists():
             _say(f"train {preset}: already trained, skipping")
             continue
-        _run(["deepspeed", "--num_gpus", "2", "--master_port", str(29600 + i), "--module", "profuser.train",
+        _run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "profuser.train",
               str(config), f"train.schedule={preset}", f"train.output_dir={out_dir}"],
              {**env, "OMP_NUM_THREADS": "1"})
 
@@ -183,6 +184,8 @@ def run_demo(args) -> int:
     report = write_report(run_dir)
     table = format_table(results, shares)
     (root / "table.txt").write_text(table + "\n")
+    (root / "results.json").write_text(json.dumps({"eval": results, "teacher_share": shares,
+                                                   "seconds": time.time() - t0}, indent=2))
     print("\n" + table + "\n")
     _say(f"report: {report}")
     _say(f"W&B offline runs: {run_dir / 'wandb'} (upload with `wandb sync`)")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import glob
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
 
 from profuser.prep.read import part_table
+from wandb_offline import read_wandb_records
 from profuser.prep.shards import StageDir
 
 STAGES = ("normalize", "generate", "score", "teacher")
@@ -70,49 +70,20 @@ def wandb_run_file(run_dir, run_name=None) -> Path:
         assert len(files) == 1, files
         return Path(files[0])
     named = [f for f in files if any(r.WhichOneof("record_type") == "run" and r.run.display_name == run_name
-                                     for r in _records(Path(f)))]
+                                     for r in read_wandb_records(Path(f)))]
     assert len(named) == 1, (run_name, files)
     return Path(named[0])
 
 
-def wandb_records(run_dir, run_name=None) -> list:
+def wandbread_wandb_records(run_dir, run_name=None) -> list:
     """Every protobuf Record of the (single, or named) offline W&B run under run_dir/wandb."""
-    return _records(wandb_run_file(run_dir, run_name))
-
-
-def _records(path: Path) -> list:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    block, pos, out, buf = 32768, 7, [], b""  # 7-byte file header, then 32 KiB blocks
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 and length == 0:
-            break
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 1:  # full
-            out.append(chunk)
-        elif kind == 2:  # first
-            buf = chunk
-        elif kind == 3:  # middle
-            buf += chunk
-        elif kind == 4:  # last
-            out.append(buf + chunk)
-    recs = []
-    for raw in out:
-        r = pb.Record()
-        r.ParseFromString(raw)
-        recs.append(r)
-    return recs
+    return read_wandb_records(wandb_run_file(run_dir, run_name))
 
 
 def wandb_history(run_dir, run_name=None) -> dict:
     """Flattened key -> parsed value over all history records of the offline run."""
     hist = {}
-    for r in wandb_records(run_dir, run_name):
+    for r in wandbread_wandb_records(run_dir, run_name):
         if r.WhichOneof("record_type") == "history":
             for item in r.history.item:
                 hist["/".join(item.nested_key) if item.nested_key else item.key] = json.loads(item.value_json)

@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from profuser.prep.dist import free_port
 import yaml
 
 from conftest import tiny_config_dict
@@ -348,7 +350,7 @@ def test_two_deepspeed_cpu_ranks_give_the_single_process_output(prepped, base_di
     cfg.write_text(yaml.safe_dump(d))
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    port = 29500 + (os.getpid() + 7) % 1000
+    port = free_port()
     for stage in ("align", "build"):
         r = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), f"data_prep/{stage}.py",
                             str(cfg)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

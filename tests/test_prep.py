@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
+from profuser.prep.dist import free_port
 import torch
 import yaml
 
@@ -201,12 +203,12 @@ def test_two_deepspeed_cpu_ranks_give_the_single_process_output(baseline, base_d
     real deepspeed launcher with two CPU processes."""
     d = {**base_dict, "run_dir": str(tmp_path / "ds"), "wandb": {"enabled": False}}
     cfg = _write_yaml(d, tmp_path / "cfg.yaml")
-    port = 29500 + os.getpid() % 1000
+    port, port2 = free_port(), free_port()
     r1 = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), "data_prep/normalize.py",
                          str(cfg)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert r1.returncode == 0, r1.stdout[-3000:] + r1.stderr[-3000:]
     r2 = subprocess.run(["bash", "launch/prep.sh", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=400,
-                        env={**_env(), "NPROC": "2", "MASTER_PORT": str(port + 1)})
+                        env={**_env(), "NPROC": "2", "MASTER_PORT": str(port2)})
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     log = r2.stdout + r2.stderr
     assert "dist_world_size=2" in log and "[rank 1/2]" in log

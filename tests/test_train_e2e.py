@@ -6,7 +6,6 @@ DeepSpeed ranks and in one process."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,17 +16,12 @@ from safetensors.torch import load_file
 
 from profuser.config import parse_config
 from profuser.train import train
+from profuser.prep.dist import free_port
 from train_fixtures import cached_training_set, read_wandb_offline, run_config, write_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ds_env() -> dict:

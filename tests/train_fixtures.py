@@ -1,6 +1,6 @@
 """Training-set fixtures for the trainer tests: build-stage rows made from the tiny suite.
 
-Rows have exactly the build output's schema (docs/CONTRACTS_DRAFT.md). The target's chat template
+Rows have exactly the build output's schema (docs/ARCHITECTURE.md, "Stage contracts"). The target's chat template
 encodes each sample; the teacher distributions are real: two tiny source models that share the
 target's tokenizer (chatml_bpe, and a second one of another architecture built here) are
 teacher-forced on the sequence, the one with the lower mean CE on the response wins (MinCE), and
@@ -240,34 +240,12 @@ def read_wandb_offline(run_dir: Path) -> tuple[dict, list[dict]]:
     The file is a LevelDB-style log (7-byte header, 32 KiB blocks of records: crc32, length, type)
     of ``wandb_internal_pb2.Record`` protobufs.
     """
-    import struct
-
-    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb_offline import read_wandb_records
 
     files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert files, f"no offline W&B run under {run_dir}/wandb"
-    data = files[-1].read_bytes()
-    block, pos, records, partial = 32768, 7, [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if length == 0 and kind == 0:
-            break
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 1:  # full
-            records.append(chunk)
-        elif kind == 2:  # first
-            partial = chunk
-        elif kind == 3:  # middle
-            partial += chunk
-        elif kind == 4:  # last
-            records.append(partial + chunk)
     config, history = {}, []
-    for raw in records:
-        rec = pb.Record()
-        rec.ParseFromString(raw)
+    for rec in read_wandb_records(files[-1]):
         kind = rec.WhichOneof("record_type")
         updates = rec.run.config.update if kind == "run" else rec.config.update if kind == "config" else ()
         for u in updates:

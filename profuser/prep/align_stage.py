@@ -17,7 +17,7 @@ inference). For each such sample:
    On the copy path with the same end-of-turn token, rows are copied unchanged.
 
 Rows (one per sample and mode) cover the WHOLE target sequence and are label-aligned (row t is the
-teacher's distribution over input_ids[t], docs/CONTRACTS_DRAFT.md):
+teacher's distribution over input_ids[t], docs/ARCHITECTURE.md, "Stage contracts"):
   id, mode, source (the teacher), teacher_score (training: the teacher's mean token CE on the
   reference, nats, lower is better; inference: the winner's scorer votes, higher is better), ce,
   votes and mean_z (inference; null for training), method ("copy" | "spans"),
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -387,17 +386,14 @@ def pair_summary(a: dict) -> dict:
 
 def log_align_stats(ctx, pairs: dict, shares: dict) -> Optional[str]:
     """The per-pair statistics to W&B (a `<run>-align` run, same project; offline without an API key)."""
-    from profuser.prep.stats import wandb_mode
+    from profuser.config import wandb_mode
+    from profuser.prep.stats import start_prep_run
 
-    cfg = ctx.cfg
-    mode = wandb_mode(cfg.wandb)
-    if mode is None:
+    run = start_prep_run(ctx.cfg, "align")
+    if run is None:
         return None
     import wandb
 
-    run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, dir=cfg.run_dir, mode=mode,
-                     name=f"{Path(cfg.run_dir).name}-align", job_type="prep", tags=list(cfg.wandb.tags),
-                     config=cfg.to_dict())
     cols = ["source", "target", "mode", "rows", "response_positions", "transferred_share", "aligned_share",
             "kept_mass", "mapped_share"]
     data = [[e["source"], e["target"], m, e[m]["rows"], e[m]["response_positions"], e[m]["transferred_share"],
@@ -417,5 +413,5 @@ def log_align_stats(ctx, pairs: dict, shares: dict) -> Optional[str]:
     run.summary.update(flat)
     where = run.dir
     run.finish()
-    ctx.say(f"alignment statistics logged to W&B ({mode})")
+    ctx.say(f"alignment statistics logged to W&B ({wandb_mode(ctx.cfg.wandb)})")
     return where

@@ -1,6 +1,6 @@
 """Stage 6, build: the training set — one row per sample joining its two modes' aligned teacher rows.
 
-Columns (docs/CONTRACTS_DRAFT.md; read by profuser.train.dataset.FusionDataset):
+Columns (docs/ARCHITECTURE.md, "Stage contracts"; read by profuser.train.dataset.FusionDataset):
   id, meta (the record's meta as a JSON string), and per mode m in (training, inference):
   {m}_input_ids, {m}_labels (-100 on the prompt), {m}_teacher (source name), {m}_teacher_score
   (training: the teacher's CE; inference: its scorer votes), {m}_topk_ids [T, k] int32 (-1 = none),

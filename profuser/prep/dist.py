@@ -82,3 +82,20 @@ def set_cpu_threads(dist: Dist) -> None:
 
     if dist.local_world > 1 and not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world))
+
+
+def free_port(low: int = 20000, high: int = 32000) -> int:
+    """A free TCP port for a launcher's --master_port, chosen BELOW the kernel's ephemeral range
+    (32768+ on Linux): a port from that range can be handed to some outgoing connection (gloo
+    pairs, wandb) between being picked and rank 0 binding it, which kills the launch."""
+    import random
+    import socket
+
+    for port in random.Random().sample(range(low, high), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in [{low}, {high})")

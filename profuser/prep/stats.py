@@ -5,14 +5,12 @@ unless an API key is configured; `wandb sync` uploads it later).
 """
 from __future__ import annotations
 
-import netrc
-import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from profuser.config import WandbConfig
+from profuser.config import wandb_mode
 from profuser.prep.shards import atomic_write_json
 
 MODES = ("training", "inference")
@@ -65,23 +63,17 @@ def summarize(stats: dict) -> dict:
     }
 
 
-def wandb_mode(w: WandbConfig) -> Optional[str]:
-    """None (do not log), "online" or "offline". auto = online only when an API key is configured."""
-    if not w.enabled or w.mode == "disabled":
+def start_prep_run(cfg, suffix: str):
+    """A W&B run `<run_dir name>-<suffix>` (job type prep) for prep statistics, or None when W&B is
+    disabled; offline unless an API key is configured."""
+    mode = wandb_mode(cfg.wandb)
+    if mode == "disabled":
         return None
-    if w.mode != "auto":
-        return w.mode
-    env = os.environ.get("WANDB_MODE")
-    if env in ("online", "offline", "disabled"):
-        return None if env == "disabled" else env
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return "online"
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        pass
-    return "offline"
+    import wandb
+
+    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, dir=cfg.run_dir, mode=mode,
+                      name=f"{Path(cfg.run_dir).name}-{suffix}", job_type="prep", tags=list(cfg.wandb.tags),
+                      config=cfg.to_dict())
 
 
 def log_stats(ctx, stats: dict) -> Optional[str]:
@@ -89,14 +81,11 @@ def log_stats(ctx, stats: dict) -> Optional[str]:
     cfg = ctx.cfg
     summary = summarize(stats)
     atomic_write_json(ctx.prep_dir / "stats.json", summary)
-    mode = wandb_mode(cfg.wandb)
-    if mode is None:
+    run = start_prep_run(cfg, "prep")
+    if run is None:
         return None
     import wandb
 
-    run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, dir=cfg.run_dir, mode=mode,
-                     name=f"{Path(cfg.run_dir).name}-prep", job_type="prep", tags=list(cfg.wandb.tags),
-                     config=cfg.to_dict())
     data = {}
     for sc, per in stats["scores"].items():
         for s, v in per.items():
@@ -124,5 +113,5 @@ def log_stats(ctx, stats: dict) -> Optional[str]:
     run.summary.update(flat)
     where = run.dir
     run.finish()
-    ctx.say(f"prep statistics logged to W&B ({mode}); stats also in {ctx.prep_dir / 'stats.json'}")
+    ctx.say(f"prep statistics logged to W&B ({wandb_mode(cfg.wandb)}); stats also in {ctx.prep_dir / 'stats.json'}")
     return where

@@ -6,7 +6,7 @@ MinCE can compare them and the winner's distributions need no second pass; `infe
 holds the rows of the prompts that source won in the score stage. A winner whose response equals
 the reference reuses its training row, and identical sequences inside a shard are computed once.
 
-Rows follow docs/CONTRACTS_DRAFT.md (label-aligned: row r of topk_* is the distribution over
+Rows follow docs/ARCHITECTURE.md, "Stage contracts" (label-aligned: row r of topk_* is the distribution over
 token_ids[r]). When every part is done, `winners.parquet` gets one row per (id, mode): the MinCE
 source (training) and the score winner (inference).
 

@@ -1,6 +1,6 @@
 """The training set: the build stage's Parquet shards, read row by row without densifying anything.
 
-One row per sample id (docs/CONTRACTS_DRAFT.md): ``id``, ``meta`` and, per mode m in
+One row per sample id (docs/ARCHITECTURE.md, "Stage contracts"): ``id``, ``meta`` and, per mode m in
 (inference, training), ``{m}_input_ids``, ``{m}_labels``, ``{m}_teacher``, ``{m}_teacher_score``,
 ``{m}_topk_ids`` [T, k] int32 (-1 = none) and ``{m}_topk_logprobs`` [T, k] float16 — all null when
 the mode is absent for the sample. The shards are loaded with ``datasets`` (memory-mapped Arrow),
@@ -34,6 +34,14 @@ def shard_paths(path: str | Path) -> list[Path]:
     if not p.is_dir():
         raise TrainingSetError(f"training set {str(p)!r} does not exist; run the prep stages first "
                                "(they write RUN_DIR/prep/build/*.parquet) or pass --data DIR")
+    manifest = p / "manifest.json"
+    if manifest.exists():  # a build stage output: only a finished one is a training set
+        import json
+
+        status = json.loads(manifest.read_text()).get("status")
+        if status != "complete":
+            raise TrainingSetError(f"training set {str(p)!r} is not complete (build manifest status {status!r}); "
+                                   "finish it with `profuser prep CONFIG` first")
     shards = sorted(p.glob("*.parquet"))
     if not shards:
         raise TrainingSetError(f"training set {str(p)!r} holds no *.parquet shards; is the build stage finished?")

@@ -11,37 +11,16 @@ chat template), ``metrics.jsonl`` (every logged step), ``trainer_state.json`` an
 from __future__ import annotations
 
 import logging
-import netrc
 import os
 import secrets
 from pathlib import Path
 from typing import Optional, Sequence
-from urllib.parse import urlparse
 
 import yaml
 
-from profuser.config import RunConfig
+from profuser.config import RunConfig, wandb_mode
 
 log = logging.getLogger("profuser")
-
-
-def _has_wandb_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def wandb_mode(cfg: RunConfig) -> str:
-    """online / offline / disabled; ``auto`` is online only when an API key is configured."""
-    if not cfg.wandb.enabled or cfg.wandb.mode == "disabled":
-        return "disabled"
-    if cfg.wandb.mode == "auto":
-        return "online" if _has_wandb_key() else "offline"
-    return cfg.wandb.mode
 
 
 def init_wandb(cfg: RunConfig, output_dir: Path, run_name: str):
@@ -49,7 +28,7 @@ def init_wandb(cfg: RunConfig, output_dir: Path, run_name: str):
     then logs into it. The run id is kept in output_dir, so a resumed training continues the run."""
     import wandb
 
-    mode = wandb_mode(cfg)
+    mode = wandb_mode(cfg.wandb)
     id_file = output_dir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id + "\n")
@@ -74,7 +53,7 @@ def train(cfg: RunConfig, data: Optional[str] = None, callbacks: Sequence = ()):
     t = cfg.train
     output_dir = Path(t.output_dir or Path(cfg.run_dir) / "train")
     data_dir = Path(data or Path(cfg.run_dir) / "prep" / "build")
-    report_to = [] if wandb_mode(cfg) == "disabled" else ["wandb"]
+    report_to = [] if wandb_mode(cfg.wandb) == "disabled" else ["wandb"]
     # TrainingArguments first: with ZeRO-3 they make from_pretrained load the model partitioned.
     args = training_arguments(cfg, output_dir, report_to)
     set_seed(cfg.seed)
