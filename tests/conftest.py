@@ -76,3 +76,11 @@ def smollm2(smollm2_path):
     from profuser.models import load_chat_model
 
     return load_chat_model(ModelConfig(path=smollm2_path, name="smollm2"), device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_wandb_service(monkeypatch):
+    """wandb.init in this (pytest) process exports WANDB_SERVICE, and every process launched later
+    would join that W&B service — which still holds the run ids of runs a test SIGKILLed, so their
+    restart would find "run ID ... is in use". Each test's subprocesses start their own service."""
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)

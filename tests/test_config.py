@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from profuser.config import (ConfigError, RunConfig, apply_override, load_config, parse_config,
-                             reference_markdown, save_resolved)
+from profuser.config import (ConfigError, RunConfig, WandbConfig, apply_override, load_config, parse_config,
+                             reference_markdown, save_resolved, wandb_mode)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,3 +148,22 @@ def test_docs_config_reference_is_current():
     """docs/CONFIG.md is generated; regenerate with `python -m profuser.config > docs/CONFIG.md`."""
     doc = (REPO / "docs" / "CONFIG.md").read_text()
     assert reference_markdown() in doc
+
+
+def test_wandb_mode_resolution(monkeypatch, tmp_path):
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "NETRC", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc yet
+    assert wandb_mode(WandbConfig(enabled=False)) == "disabled"
+    assert wandb_mode(WandbConfig(mode="disabled")) == "disabled"
+    assert wandb_mode(WandbConfig(mode="online")) == "online"
+    assert wandb_mode(WandbConfig()) == "offline"  # auto without a key
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_mode(WandbConfig()) == "online"  # a key in ~/.netrc
+    (tmp_path / ".netrc").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(WandbConfig()) == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the environment wins over a key
+    assert wandb_mode(WandbConfig()) == "offline"
+    assert wandb_mode(WandbConfig(enabled=False)) == "disabled"

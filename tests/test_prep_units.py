@@ -9,11 +9,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from profuser.config import ScorerConfig, WandbConfig
+from profuser.config import ScorerConfig
 from profuser.prep.score import RuleScorer, pick_winner, score_safely
 from profuser.prep.shards import StageDir, diff_deps, stable_hash
 from profuser.prep.stages import owner
-from profuser.prep.stats import wandb_mode
 from profuser.prep.teacher import SCHEMA, rows_to_table, teacher_forward, topk_from_logits
 
 
@@ -159,21 +158,6 @@ def test_shard_assignment_covers_every_unit_once():
     for world in (1, 2, 3, 5):
         seen = [(g, i) for r in range(world) for g in groups for i in range(7) if owner(groups, g, i, 7, world) == r]
         assert sorted(seen) == sorted((g, i) for g in groups for i in range(7))
-
-
-def test_wandb_mode_resolution(monkeypatch, tmp_path):
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
-    monkeypatch.delenv("NETRC", raising=False)
-    assert wandb_mode(WandbConfig(enabled=False)) is None
-    assert wandb_mode(WandbConfig(mode="disabled")) is None
-    assert wandb_mode(WandbConfig(mode="online")) == "online"
-    assert wandb_mode(WandbConfig()) == "offline"  # auto without a key
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert wandb_mode(WandbConfig()) == "online"
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    assert wandb_mode(WandbConfig()) == "offline"
 
 
 def test_stage_scripts_and_cli_expose_the_stages():

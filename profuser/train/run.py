@@ -23,18 +23,39 @@ from profuser.config import RunConfig, wandb_mode
 log = logging.getLogger("profuser")
 
 
-def init_wandb(cfg: RunConfig, output_dir: Path, run_name: str):
+def init_wandb(cfg: RunConfig, output_dir: Path, run_name: str, wait_s: float = 60.0):
     """Start the W&B run (world rank 0 only) with the whole run config; the Trainer's WandbCallback
-    then logs into it. The run id is kept in output_dir, so a resumed training continues the run."""
+    then logs into it. The run id is kept in output_dir, so a resumed training continues the run.
+
+    A training killed and restarted at once can find its run id still held by the killed process's
+    W&B service ("run ID ... is in use") until that service notices its parent is gone: wait up to
+    `wait_s` for it, then continue under a new id (logged) rather than fail the training."""
+    import time
+
     import wandb
 
     mode = wandb_mode(cfg.wandb)
     id_file = output_dir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    kwargs = dict(project=cfg.wandb.project, entity=cfg.wandb.entity, tags=list(cfg.wandb.tags) or None,
+                  name=run_name, resume="allow", mode=mode, dir=str(cfg.run_dir),
+                  config={"run_config": cfg.to_dict()})
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            run = wandb.init(id=run_id, **kwargs)
+            break
+        except Exception as e:  # noqa: BLE001 — wandb raises its internal ServerResponseError here
+            if "in use" not in str(e):
+                raise
+            if time.monotonic() > deadline:
+                new_id = secrets.token_hex(4)
+                log.warning("W&B run id %s is still held by a previous process (%s); continuing as run %s",
+                            run_id, e, new_id)
+                run_id, deadline = new_id, float("inf")
+            else:
+                time.sleep(2.0)
     id_file.write_text(run_id + "\n")
-    run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, tags=list(cfg.wandb.tags) or None,
-                     name=run_name, id=run_id, resume="allow", mode=mode, dir=str(cfg.run_dir),
-                     config={"run_config": cfg.to_dict()})
     log.info("W&B run %s (%s) in %s", run.id, mode, run.dir)
     return run
 
