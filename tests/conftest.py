@@ -84,3 +84,18 @@ def _no_inherited_wandb_service(monkeypatch):
     would join that W&B service — which still holds the run ids of runs a test SIGKILLed, so their
     restart would find "run ID ... is in use". Each test's subprocesses start their own service."""
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_deepspeed_shm_buffers():
+    """DeepSpeed's CPU backend leaves ~66 MB per rank and launch in /dev/shm; remove this session's."""
+    import glob
+
+    pattern = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"
+    before = set(glob.glob(pattern))
+    yield
+    for f in set(glob.glob(pattern)) - before:
+        try:
+            os.unlink(f)
+        except OSError:
+            pass

@@ -1,5 +1,7 @@
 """The demo end to end (reduced sizes): specialists, prep, 2-rank ZeRO-2 training, eval, table."""
+import glob
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_demo_runs_and_mince_picks_the_specialists(tmp_path):
     out = tmp_path / "demo"
+    shm = set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"))
     res = subprocess.run([sys.executable, "-m", "profuser.cli", "demo", "--out", str(out), "--presets", "profuser",
                           "--per-skill", "30", "--eval-per-skill", "4", "--steps", "12", "--pretrain-steps", "200"],
                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
@@ -30,3 +33,5 @@ def test_demo_runs_and_mince_picks_the_specialists(tmp_path):
     assert (out / "run" / "train-profuser" / "final" / "config.json").exists()
     assert (out / "run" / "report" / "report.md").exists()
     assert list((out / "run" / "wandb").glob("offline-run-*"))
+    # the demo removes the shared-memory buffers DeepSpeed's CPU backend leaves behind
+    assert set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*")) <= shm
