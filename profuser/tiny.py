@@ -64,7 +64,7 @@ def _byte_tokens() -> list[str]:
 
 def _spm_bpe(vocab_size: int):
     """Llama-2/Vicuna style: Metaspace `▁`, BPE with byte fallback, <unk> <s> </s>."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     specials = ["<unk>", "<s>", "</s>"]
     probe = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -77,13 +77,11 @@ def _spm_bpe(vocab_size: int):
         vocab.setdefault(t, len(vocab))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = None
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     tok.decoder = decoders.Sequence([
         decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
     ])
     tok.add_special_tokens(specials)
-    del normalizers
     return tok, dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
 
 
