@@ -154,6 +154,15 @@ class TrainConfig:
         None, help="If set, use lambda*CE + (1-lambda)*D instead of CE + beta*D.", ge=0.0, le=1.0
     )
     divergence: Literal["forward_kl", "reverse_kl", "ce"] = _f("forward_kl", help="Distillation divergence D.")
+    teacher_rest: Literal["other", "renormalize"] = _f(
+        "other", help="The teacher's probability off its stored entries (top-k cut, unmapped tokens): other = "
+        "one extra bucket compared with the student's mass off those ids (a position that kept little mass "
+        "stays unsure); renormalize = the entries scaled up to sum to 1 (FuseLLM-style top-k)."
+    )
+    teacher_min_mass: float = _f(
+        0.0, help="Positions whose stored teacher entries hold less probability than this use CE only.",
+        ge=0.0, le=1.0,
+    )
     temperature: float = _f(1.0, help="Distillation temperature tau.", gt=0.0)
     loss_chunk_size: int = _f(
         256, help="Sequence positions per fp32 loss chunk: the loss holds chunk x vocab fp32 temporaries "

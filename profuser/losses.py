@@ -14,7 +14,9 @@ import torch
 
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "ce")
+TEACHER_REST = ("other", "renormalize")
 _NEG = torch.finfo(torch.float32).min  # finite "log 0": keeps masked logsumexp and its grad NaN-free
+_LOG_P_MIN = math.log(1e-8)  # reverse_kl: an empty teacher "other" bucket counts as 1e-8 (KL(q||p) stays finite)
 
 
 def safe_div(num: torch.Tensor, denominator) -> torch.Tensor:
@@ -41,7 +43,55 @@ class LossParts:
         return safe_div(self.total_sum, self.n_tokens if denominator is None else denominator)
 
 
-def _chunk_sums(logits, labels, ids, logprobs, divergence: str, tau: float):
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends; x >= 0 gives _NEG (no mass left).
+
+    Both branches only ever see inputs where they are finite, so the gradient has no NaN."""
+    x = x.clamp(max=0.0)
+    big = x > -math.log(2)
+    safe_big = torch.where(big & (x < 0), x, torch.full_like(x, -1.0))
+    safe_small = torch.where(big, torch.full_like(x, -1.0), x)
+    out = torch.where(big, torch.log(-torch.expm1(safe_big)), torch.log1p(-torch.exp(safe_small)))
+    return torch.where(x < 0, out, torch.full_like(x, _NEG))
+
+
+def teacher_buckets(ids: torch.Tensor, logprobs: torch.Tensor, rest: str = "other", tau: float = 1.0,
+                    min_mass: float = 0.0):
+    """The teacher distribution the loss compares the student with, at one or more positions.
+
+    ids/logprobs [..., K]: stored entries (id -1 or log-prob -inf = empty) holding the teacher's
+    FULL-vocabulary log-probs (their mass M <= 1 is what survived top-k, mapping and merging).
+    Returns (logp [..., K+1], valid [..., K+1], has_teacher [...]):
+    - rest="other": buckets = the K entries plus one "other" bucket holding 1 - M (all the
+      teacher's mass that is not on a stored entry), so no single entry gets more than its own
+      stored probability; at tau != 1 the K+1 buckets are tempered as if "other" were one token.
+      A rest below 16 machine epsilons (the whole vocabulary stored) is rounding noise: no bucket.
+    - rest="renormalize": the K entries renormalized to sum to 1 (the "other" bucket is empty).
+    has_teacher: at least one entry and M >= min_mass. Computed in the dtype of ``logprobs``.
+    """
+    valid = (ids >= 0) & (logprobs != float("-inf"))
+    lp = logprobs.masked_fill(~valid, _NEG)
+    log_mass = torch.where(valid.any(-1), lp.logsumexp(-1), torch.full_like(lp[..., 0], float("-inf")))
+    has_teacher = valid.any(-1)
+    if min_mass > 0:
+        has_teacher = has_teacher & (log_mass >= math.log(min_mass))
+    if rest == "other":
+        log_other = _log1mexp(log_mass)
+        # a rest below rounding noise (all of the vocabulary stored) is no bucket: at tau != 1 it
+        # would otherwise be tempered into real mass
+        real = log_other > math.log(16 * torch.finfo(lp.dtype).eps)
+        buckets = torch.cat([lp, log_other.unsqueeze(-1)], -1)
+        valid = torch.cat([valid, real.unsqueeze(-1)], -1)
+    else:
+        buckets = torch.cat([lp, torch.full_like(lp[..., :1], _NEG)], -1)
+        valid = torch.cat([valid, torch.zeros_like(valid[..., :1])], -1)
+    logp = (buckets / tau).masked_fill(~valid, _NEG)
+    logp = logp - logp.logsumexp(-1, keepdim=True)
+    return logp, valid, has_teacher
+
+
+def _chunk_sums(logits, labels, ids, logprobs, divergence: str, tau: float, rest: str = "other",
+                min_mass: float = 0.0):
     """(ce_sum, kd_sum) of one chunk. logits [B, C, V] (any dtype), labels [B, C], ids/logprobs [B, C, K]."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (or fp64) math
     mask = labels != IGNORE_INDEX
@@ -53,21 +103,31 @@ def _chunk_sums(logits, labels, ids, logprobs, divergence: str, tau: float):
 
     logq_t = logq if tau == 1.0 else (logits / tau).log_softmax(-1)
     logq_k = logq_t.gather(-1, ids.clamp_min(0).long())  # student at the teacher's ids, [B, C, K]
-    lp = logprobs.to(logits.dtype)
-    valid = (ids >= 0) & (lp != float("-inf"))  # a -inf entry has no teacher mass: off the support
-    has_teacher = mask & valid.any(-1)
-    # teacher renormalized over its support at temperature tau; empty entries get probability 0
-    logp = (lp / tau).masked_fill(~valid, _NEG)
-    logp = logp - logp.logsumexp(-1, keepdim=True)
-    p = logp.exp()
+    logp, valid, has_teacher = teacher_buckets(ids, logprobs.to(logits.dtype), rest, tau, min_mass)
+    has_teacher = has_teacher & mask
+    entry = valid[..., :-1]
+    if rest == "other":
+        # the student's buckets: its probabilities at the K ids, and all the rest of its mass
+        on_support = logq_k.masked_fill(~entry, _NEG).logsumexp(-1)
+        on_support = on_support.clamp(max=-torch.finfo(logits.dtype).eps)  # 1 - sum(q) rounds to <= 0
+        logq_b = torch.cat([logq_k, _log1mexp(on_support).unsqueeze(-1)], -1)
+    else:
+        logq_b = torch.cat([logq_k, torch.zeros_like(logq_k[..., :1])], -1)
+    p = logp.exp()  # 0 on empty buckets
     if divergence == "forward_kl":
-        d = (p * (logp - logq_k)).sum(-1)
+        d = torch.where(valid, p * (logp - logq_b), 0.0).sum(-1)
     elif divergence == "ce":
-        d = -(p * logq_k).sum(-1)
-    else:  # reverse_kl, with the student renormalized over the teacher's support
-        logq_s = logq_k.masked_fill(~valid, _NEG)
+        d = -torch.where(valid, p * logq_b, 0.0).sum(-1)
+    elif rest == "other":  # reverse KL over the buckets; the student's "other" bucket always has mass
+        live = torch.cat([entry, torch.ones_like(entry[..., :1])], -1)
+        # where the teacher left no rest (all of the vocabulary stored), count it as 1e-8: finite
+        logp_o = torch.where(valid[..., -1:], logp[..., -1:], torch.full_like(logp[..., -1:], _LOG_P_MIN))
+        logp_r = torch.cat([logp[..., :-1], logp_o], -1)
+        d = torch.where(live, logq_b.exp() * (logq_b - logp_r), 0.0).sum(-1)
+    else:  # reverse KL with the student renormalized over the teacher's support (p is unknown off it)
+        logq_s = logq_b.masked_fill(~valid, _NEG)
         logq_s = logq_s - logq_s.logsumexp(-1, keepdim=True)
-        d = (logq_s.exp() * (logq_s - logp)).masked_fill(~valid, 0.0).sum(-1)
+        d = torch.where(valid, logq_s.exp() * (logq_s - logp), 0.0).sum(-1)
     kd_sum = torch.where(has_teacher, d, 0.0).sum() * tau**2
     return ce_sum, kd_sum
 
@@ -82,7 +142,9 @@ def fusion_loss(
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     fusellm_lambda: float | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
+    rest: str = "other",
+    min_mass: float = 0.0,
 ) -> LossParts:
     """CE(student, label) + beta * D(teacher || student), summed over valid tokens.
 
@@ -90,17 +152,27 @@ def fusion_loss(
         logits: [B, T, V] student logits (bf16/fp16 chunks are converted to fp32; fp64 stays fp64).
         labels: [B, T] int, -100 on tokens that are not trained on (prompt, padding).
         topk_ids: [B, T, K] int, label-aligned teacher token ids, -1 = empty; None = no teacher.
-        topk_logprobs: [B, T, K] the teacher's FULL-vocabulary log-softmax at those ids (mass < 1).
+        topk_logprobs: [B, T, K] the teacher's FULL-vocabulary log-softmax at those ids (mass M <= 1:
+            what survived the top-k cut, the vocabulary mapping and merging; not renormalized).
         beta: weight of D (ignored when ``fusellm_lambda`` is set).
-        divergence: D, computed on the teacher's support S (its non-empty entries) only:
-            ``forward_kl``: sum_S p (log p - log q), q the student's full-vocabulary softmax;
-            ``ce``: -sum_S p log q (forward KL plus the teacher entropy, same gradient);
-            ``reverse_kl``: sum_S q~ (log q~ - log p), q~ the student renormalized over S
-            (the full-vocabulary reverse KL is undefined off S, where the stored p is unknown).
-            p is the teacher renormalized over S (with K = V this is its full distribution).
-        temperature: tau; D uses log_softmax(logits / tau) and the teacher renormalized from
-            logprobs / tau, and is multiplied by tau**2 (Hinton) so its gradient scale does not
-            shrink with tau. The CE term always uses tau = 1.
+        rest: what the teacher's mass off its stored entries S becomes (``teacher_buckets``):
+            ``other`` (default): one extra bucket holding 1 - M, compared with the student's mass
+            off S, so D is the divergence between the two distributions coarsened to S + {other}
+            (a lower bound of the full-vocabulary divergence, exact when M = 1) and a position that
+            kept little mass never pushes the student onto its few surviving entries;
+            ``renormalize``: the teacher renormalized over S (top-k KD as FuseLLM/FuseChat do it).
+        min_mass: positions whose stored entries hold less teacher probability than this add CE only.
+        divergence: D over the buckets B (S, plus "other" when rest="other"):
+            ``forward_kl``: sum_B p (log p - log q), q the student's full-vocabulary softmax summed
+            into the buckets;
+            ``ce``: -sum_B p log q (forward KL plus the teacher entropy, same gradient);
+            ``reverse_kl``: sum_B q (log q - log p), an empty teacher "other" bucket counted as 1e-8;
+            with rest="renormalize", q is the student renormalized over S (p is unknown off S).
+            With K = V (the whole vocabulary stored) every form is the full-vocabulary divergence.
+        temperature: tau; D uses log_softmax(logits / tau) and the teacher buckets tempered as
+            (log p) / tau and renormalized ("other" tempered as if it were one token, an
+            approximation only when tau != 1), and is multiplied by tau**2 (Hinton) so its gradient
+            scale does not shrink with tau. The CE term always uses tau = 1.
         fusellm_lambda: if set, total = lambda * CE + (1 - lambda) * D (FuseLLM form).
         chunk_size: sequence positions per chunk. With gradients on, each chunk's gradient is
             computed in the forward pass and written into one logits-shaped, logits-typed tensor
@@ -121,6 +193,10 @@ def fusion_loss(
         raise ValueError(f"fusellm_lambda={fusellm_lambda!r} must be None or in [0, 1]")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1")
+    if rest not in TEACHER_REST:
+        raise ValueError(f"rest={rest!r} is not one of {TEACHER_REST}")
+    if not (isinstance(min_mass, (int, float)) and 0 <= min_mass <= 1):
+        raise ValueError(f"min_mass={min_mass!r} must be a number in [0, 1]")
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"logits {tuple(logits.shape)} must be [B, T, V] and labels {tuple(labels.shape)} [B, T]")
     if (topk_ids is None) != (topk_logprobs is None):
@@ -135,7 +211,7 @@ def fusion_loss(
 
     tau = float(temperature)
     weights = (1.0, float(beta)) if fusellm_lambda is None else (float(fusellm_lambda), 1.0 - fusellm_lambda)
-    args = (labels, topk_ids, topk_logprobs, divergence, tau, weights, chunk_size)
+    args = (labels, topk_ids, topk_logprobs, divergence, tau, weights, chunk_size, rest, float(min_mass))
     if torch.is_grad_enabled() and logits.requires_grad:
         total, ce_sum, kd_sum = _FusedChunks.apply(logits, *args)
     else:
@@ -145,7 +221,8 @@ def fusion_loss(
     return LossParts(total, ce_sum, kd_sum, (labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def _chunked_sums(logits, labels, topk_ids, topk_logprobs, divergence, tau, weights, chunk_size, grad_out=None):
+def _chunked_sums(logits, labels, topk_ids, topk_logprobs, divergence, tau, weights, chunk_size, rest="other",
+                  min_mass=0.0, grad_out=None):
     """(total, ce, kd) sums over the sequence, one chunk of positions at a time (fp32 per chunk).
 
     With ``grad_out`` (a tensor shaped like ``logits``), d total / d logits of each chunk is computed
@@ -160,13 +237,13 @@ def _chunked_sums(logits, labels, topk_ids, topk_logprobs, divergence, tau, weig
         lps = None if topk_logprobs is None else topk_logprobs[:, s + 1:e + 1]
         x = logits[:, s:e].detach()
         if grad_out is None:
-            ce, kd = _chunk_sums(x, labels[:, s + 1:e + 1], ids, lps, divergence, tau)
+            ce, kd = _chunk_sums(x, labels[:, s + 1:e + 1], ids, lps, divergence, tau, rest, min_mass)
         else:
             x.requires_grad_(True)
             # this chunk's graph is freed right here: keep outer saved-tensor hooks (offloading,
             # checks) away from it; they see only what is kept for backward (the gradient)
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-                ce, kd = _chunk_sums(x, labels[:, s + 1:e + 1], ids, lps, divergence, tau)
+                ce, kd = _chunk_sums(x, labels[:, s + 1:e + 1], ids, lps, divergence, tau, rest, min_mass)
                 (g,) = torch.autograd.grad(weights[0] * ce + weights[1] * kd, x)
             grad_out[:, s:e] = g
             ce, kd = ce.detach(), kd.detach()
@@ -184,10 +261,10 @@ class _FusedChunks(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, topk_ids, topk_logprobs, divergence, tau, weights, chunk_size):
+    def forward(ctx, logits, labels, topk_ids, topk_logprobs, divergence, tau, weights, chunk_size, rest, min_mass):
         grad = torch.zeros_like(logits)  # the last position scores nothing: its gradient stays 0
         total, ce, kd = _chunked_sums(logits, labels, topk_ids, topk_logprobs, divergence, tau, weights,
-                                      chunk_size, grad_out=grad)
+                                      chunk_size, rest, min_mass, grad_out=grad)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(ce, kd)
         return total, ce, kd
@@ -201,6 +278,6 @@ class _FusedChunks(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if not (g_total.numel() == 1 and float(g_total) == 1.0):
             grad.mul_(g_total.to(grad.dtype))  # in place: no second [B, T, V] tensor
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 

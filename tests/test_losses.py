@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from profuser.losses import DIVERGENCES, LossParts, fusion_loss, safe_div
+from profuser.losses import DIVERGENCES, TEACHER_REST, LossParts, fusion_loss, safe_div, teacher_buckets
 
 
 def make_batch(B, T, V, K, *, seed=0, p_masked=0.3, p_no_teacher=0.2, p_empty=0.2, dtype=torch.float64):
@@ -25,8 +25,14 @@ def make_batch(B, T, V, K, *, seed=0, p_masked=0.3, p_no_teacher=0.2, p_empty=0.
     return logits, labels, ids, lps
 
 
-def reference(logits, labels, ids, lps, *, beta=1.0, divergence="forward_kl", temperature=1.0, fusellm_lambda=None):
-    """Loop over positions with dense fp64 distributions; returns (total_sum, ce_sum, kd_sum, n)."""
+def reference(logits, labels, ids, lps, *, beta=1.0, divergence="forward_kl", temperature=1.0, fusellm_lambda=None,
+              rest="other", min_mass=0.0):
+    """Loop over positions with dense fp64 distributions; returns (total_sum, ce_sum, kd_sum, n).
+
+    rest="other": the teacher is its stored probabilities plus one bucket with the rest of its mass,
+    the student its probabilities at those ids plus one bucket with the rest of its mass, both
+    tempered as distributions over these buckets. rest="renormalize": the teacher renormalized
+    over the stored ids (and, for reverse KL, the student too)."""
     tau = temperature
     B, T, V = logits.shape
     ce_sum = kd_sum = logits.new_zeros((), dtype=torch.float64)
@@ -39,20 +45,36 @@ def reference(logits, labels, ids, lps, *, beta=1.0, divergence="forward_kl", te
             n += 1
             z = logits[b, t - 1].double()
             ce_sum = ce_sum - torch.log_softmax(z, -1)[y]
-            keep = ids[b, t] >= 0
-            if not keep.any():
+            keep = (ids[b, t] >= 0) & (lps[b, t] != float("-inf"))
+            if not keep.any() or float(lps[b, t][keep].double().exp().sum()) < min_mass:
                 continue
             support = ids[b, t][keep]
-            p = torch.zeros(V, dtype=torch.float64)
-            p[support] = torch.softmax(lps[b, t][keep].double() / tau, -1)
             q = torch.softmax(z / tau, -1)
-            if divergence == "forward_kl":
-                d = (p[support] * (p[support].log() - q[support].log())).sum()
-            elif divergence == "ce":
-                d = -(p[support] * q[support].log()).sum()
+            if rest == "renormalize":
+                p = torch.softmax(lps[b, t][keep].double() / tau, -1)
+                qb = q[support]
+                if divergence == "forward_kl":
+                    d = (p * (p.log() - qb.log())).sum()
+                elif divergence == "ce":
+                    d = -(p * qb.log()).sum()
+                else:
+                    qs = qb / qb.sum()
+                    d = (qs * (qs.log() - p.log())).sum()
             else:
-                qs = q[support] / q[support].sum()
-                d = (qs * (qs.log() - p[support].log())).sum()
+                raw = lps[b, t][keep].double().exp()
+                rest_p = 1.0 - raw.sum()
+                rest_p = rest_p if rest_p > 16 * torch.finfo(torch.float64).eps else rest_p * 0
+                pb = torch.cat([raw, rest_p.clamp(min=0).view(1)])
+                tempered = torch.where(pb > 0, pb.clamp(min=1e-300) ** (1 / tau), torch.zeros_like(pb))
+                pb = tempered / tempered.sum()
+                qb = torch.cat([q[support], (1.0 - q[support].sum()).clamp(min=1e-300).view(1)])
+                if divergence == "forward_kl":
+                    d = sum(pi * (pi.log() - qi.log()) for pi, qi in zip(pb, qb) if pi > 0)
+                elif divergence == "ce":
+                    d = -sum(pi * qi.log() for pi, qi in zip(pb, qb) if pi > 0)
+                else:
+                    pb = torch.cat([pb[:-1], pb[-1:].clamp(min=1e-8)])  # an empty "other" counts as 1e-8
+                    d = (qb * (qb.log() - pb.log())).sum()
             kd_sum = kd_sum + tau**2 * d
     lam = fusellm_lambda
     total = ce_sum + beta * kd_sum if lam is None else lam * ce_sum + (1 - lam) * kd_sum
@@ -81,6 +103,24 @@ def tiny_example():
     return logits, labels, ids, lps
 
 
+def test_hand_computed_tiny_vocab_other_bucket():
+    logits, labels, ids, lps = tiny_example()
+    # teacher buckets: id 2: 0.4, id 0: 0.4, other: 0.2; student buckets: id 2: 0.5, id 0: 0.2, other: 0.3
+    fkl = 0.4 * math.log(0.4 / 0.5) + 0.4 * math.log(0.4 / 0.2) + 0.2 * math.log(0.2 / 0.3)
+    xent = -(0.4 * math.log(0.5) + 0.4 * math.log(0.2) + 0.2 * math.log(0.3))
+    rkl = 0.5 * math.log(0.5 / 0.4) + 0.2 * math.log(0.2 / 0.4) + 0.3 * math.log(0.3 / 0.2)
+    for value, literal in ((fkl, 0.106909), (xent, 1.161829), (rkl, 0.094582)):
+        assert value == pytest.approx(literal, abs=1e-6)
+    for divergence, d in (("forward_kl", fkl), ("ce", xent), ("reverse_kl", rkl)):
+        parts = fusion_loss(logits, labels, ids, lps, beta=0.5, divergence=divergence)
+        assert float(parts.ce_sum) == pytest.approx(-math.log(0.5), abs=1e-9)
+        assert float(parts.kd_sum) == pytest.approx(d, abs=1e-9)
+        assert float(parts.total_sum) == pytest.approx(-math.log(0.5) + 0.5 * d, abs=1e-9)
+    # a floor above the stored mass (0.8) leaves CE only
+    assert float(fusion_loss(logits, labels, ids, lps, min_mass=0.81).kd_sum) == 0.0
+    assert float(fusion_loss(logits, labels, ids, lps, min_mass=0.79).kd_sum) == pytest.approx(fkl, abs=1e-9)
+
+
 def test_hand_computed_tiny_vocab():
     logits, labels, ids, lps = tiny_example()
     # renormalized teacher p = [0.5 at id 2, 0.5 at id 0]
@@ -92,7 +132,7 @@ def test_hand_computed_tiny_vocab():
     for value, literal in ((ce, 0.693147), (fkl, 0.458145), (xent, 1.151293), (rkl, 0.094878)):
         assert value == pytest.approx(literal, abs=1e-6)
     for divergence, d in (("forward_kl", fkl), ("ce", xent), ("reverse_kl", rkl)):
-        parts = fusion_loss(logits, labels, ids, lps, beta=0.5, divergence=divergence)
+        parts = fusion_loss(logits, labels, ids, lps, beta=0.5, divergence=divergence, rest="renormalize")
         assert float(parts.ce_sum) == pytest.approx(ce, abs=1e-9)
         assert float(parts.kd_sum) == pytest.approx(d, abs=1e-9)
         assert float(parts.total_sum) == pytest.approx(ce + 0.5 * d, abs=1e-9)
@@ -106,10 +146,10 @@ def test_hand_computed_temperature_and_lambda():
     qt = [x / sum(s) for x in s]  # [0.262752, 0.321803, 0.415445]
     d = 2**2 * (0.5 * math.log(0.5 / qt[2]) + 0.5 * math.log(0.5 / qt[0]))
     assert d == pytest.approx(1.657314, abs=1e-6)
-    parts = fusion_loss(logits, labels, ids, lps, temperature=2.0)
+    parts = fusion_loss(logits, labels, ids, lps, temperature=2.0, rest="renormalize")
     assert float(parts.kd_sum) == pytest.approx(d, abs=1e-9)
     assert float(parts.ce_sum) == pytest.approx(-math.log(0.5), abs=1e-9)  # CE stays at tau = 1
-    parts = fusion_loss(logits, labels, ids, lps, beta=7.0, fusellm_lambda=0.25)  # beta is ignored
+    parts = fusion_loss(logits, labels, ids, lps, beta=7.0, fusellm_lambda=0.25, rest="renormalize")  # beta ignored
     fkl = 0.5 * math.log(2.5)
     assert float(parts.total_sum) == pytest.approx(0.25 * -math.log(0.5) + 0.75 * fkl, abs=1e-9)
 
@@ -337,11 +377,13 @@ def test_shape_mismatch_raises():
     divergence=st.sampled_from(DIVERGENCES),
     tau=st.sampled_from([0.5, 1.0, 2.0]),
     lam=st.sampled_from([None, 0.0, 0.3, 1.0]),
+    rest=st.sampled_from(TEACHER_REST),
+    min_mass=st.sampled_from([0.0, 0.3]),
 )
-def test_matches_dense_reference(B, T, V, k_frac, chunk, seed, divergence, tau, lam):
+def test_matches_dense_reference(B, T, V, k_frac, chunk, seed, divergence, tau, lam, rest, min_mass):
     K = max(1, round(k_frac * V))
     logits, labels, ids, lps = make_batch(B, T, V, K, seed=seed)
-    kw = dict(beta=0.6, divergence=divergence, temperature=tau, fusellm_lambda=lam)
+    kw = dict(beta=0.6, divergence=divergence, temperature=tau, fusellm_lambda=lam, rest=rest, min_mass=min_mass)
     x = logits.clone().requires_grad_(True)
     parts = fusion_loss(x, labels, ids, lps, chunk_size=chunk, **kw)
     ref_x = logits.clone().requires_grad_(True)
@@ -353,3 +395,48 @@ def test_matches_dense_reference(B, T, V, k_frac, chunk, seed, divergence, tau, 
         torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-8, atol=1e-10)
     else:
         assert (x.grad == 0).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(K=st.integers(1, 8), kept=st.floats(1e-4, 1.0), seed=st.integers(0, 2**16), tau=st.sampled_from([1.0, 0.5]))
+def test_no_entry_gets_more_than_the_kept_mass(K, kept, seed, tau):
+    """A row that kept little of the teacher's mass is never turned into a confident teacher: with
+    rest="other" each entry keeps exactly its own probability at tau = 1 (so none exceeds the kept
+    mass), and sharpening (tau < 1) moves mass further towards "other" when it is the larger part.
+    "renormalize" is the mode that blows a scrap up to probability 1."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.rand(K, generator=g, dtype=torch.float64) + 1e-3
+    lps = (raw / raw.sum() * kept).log()
+    ids = torch.randperm(50, generator=g)[:K]
+    logp, valid, has = teacher_buckets(ids, lps, "other", tau)
+    assert bool(has)
+    entries = logp[:-1].exp()
+    if tau == 1.0:
+        torch.testing.assert_close(entries, lps.exp(), rtol=1e-12, atol=0)
+        assert float(entries.max()) <= kept + 1e-12
+        if kept < 1 - 1e-9:
+            assert float(logp[-1].exp()) == pytest.approx(1 - kept, abs=1e-12)
+    elif kept <= 0.5:
+        assert float(entries.sum()) <= kept + 1e-12
+    renorm, _, _ = teacher_buckets(ids, lps, "renormalize", 1.0)
+    assert float(renorm[:-1].exp().sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(V=st.integers(3, 30), K=st.integers(1, 30), seed=st.integers(0, 2**16))
+def test_other_bucket_kl_is_a_lower_bound_of_the_full_kl(V, K, seed):
+    """Coarsening both distributions to (stored ids, other) can only lose divergence (data
+    processing); with every id stored it is the full KL."""
+    K = min(K, V)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(1, 2, V, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(1, 2, V, generator=g, dtype=torch.float64).log_softmax(-1) * 2
+    t = t.log_softmax(-1)
+    labels = torch.tensor([[-100, 0]])
+    ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(2)]).view(1, 2, K)
+    lps = t.gather(-1, ids)
+    full = F.kl_div(z[0, 0].log_softmax(-1), t[0, 1], log_target=True, reduction="sum")
+    got = fusion_loss(z, labels, ids, lps).kd_sum
+    assert float(got) <= float(full) + 1e-12
+    if K == V:
+        assert float(got) == pytest.approx(float(full), rel=1e-9, abs=1e-12)

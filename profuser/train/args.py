@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from transformers import TrainingArguments
 
-from profuser.losses import DIVERGENCES
+from profuser.losses import DIVERGENCES, TEACHER_REST
 from profuser.schedule import PRESETS, RAMP_SHAPES, validate_custom_weights
 
 
@@ -33,6 +33,8 @@ class FusionTrainingArguments(TrainingArguments):
     fusellm_lambda: Optional[float] = field(default=None, metadata=_help("If set: lambda*CE + (1-lambda)*D."))
     divergence: str = field(default="forward_kl", metadata=_help(f"One of {DIVERGENCES}."))
     temperature: float = field(default=1.0, metadata=_help("Distillation temperature tau > 0."))
+    teacher_rest: str = field(default="other", metadata=_help(f"Teacher mass off its stored entries: one of {TEACHER_REST}."))
+    teacher_min_mass: float = field(default=0.0, metadata=_help("Positions whose teacher entries hold less mass: CE only."))
     loss_chunk_size: int = field(default=256, metadata=_help("Sequence positions per fp32 loss chunk."))
     pad_to_multiple_of: Optional[int] = field(default=None, metadata=_help("Pad sequence length to a multiple."))
 
@@ -46,6 +48,10 @@ class FusionTrainingArguments(TrainingArguments):
             bad("ramp_shape", self.ramp_shape, f"use one of {', '.join(RAMP_SHAPES)}")
         if self.divergence not in DIVERGENCES:
             bad("divergence", self.divergence, f"use one of {', '.join(DIVERGENCES)}")
+        if self.teacher_rest not in TEACHER_REST:
+            bad("teacher_rest", self.teacher_rest, f"use one of {', '.join(TEACHER_REST)}")
+        if isinstance(self.teacher_min_mass, bool) or not 0.0 <= self.teacher_min_mass <= 1.0:
+            bad("teacher_min_mass", self.teacher_min_mass, "use a probability mass in [0, 1] (0 = no floor)")
         if not 0.0 <= self.switch_fraction <= 1.0:
             bad("switch_fraction", self.switch_fraction, "use a fraction in [0, 1]")
         for name in ("stage2_inference_weight", "beta"):
@@ -107,7 +113,8 @@ def training_arguments(cfg, output_dir: str | Path, report_to: list[str]) -> Fus
         schedule=t.schedule, switch_fraction=t.switch_fraction, ramp_shape=t.ramp_shape,
         stage2_inference_weight=t.stage2_inference_weight, custom_weights=t.custom_weights,
         sample_mode=t.sample_mode, beta=t.beta, fusellm_lambda=t.fusellm_lambda, divergence=t.divergence,
-        temperature=t.temperature, loss_chunk_size=t.loss_chunk_size, pad_to_multiple_of=t.pad_to_multiple_of,
+        temperature=t.temperature, teacher_rest=t.teacher_rest, teacher_min_mass=t.teacher_min_mass,
+        loss_chunk_size=t.loss_chunk_size, pad_to_multiple_of=t.pad_to_multiple_of,
         # optimisation
         learning_rate=t.learning_rate, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.per_device_train_batch_size,

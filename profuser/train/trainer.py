@@ -215,7 +215,7 @@ class FusionTrainer(Trainer):
                 logits, b["labels"],
                 None if no_kd else b["topk_ids"], None if no_kd else b["topk_logprobs"],
                 beta=beta, divergence=a.divergence, temperature=a.temperature, fusellm_lambda=lam,
-                chunk_size=a.loss_chunk_size,
+                chunk_size=a.loss_chunk_size, rest=a.teacher_rest, min_mass=a.teacher_min_mass,
             )
             del logits  # only the loss's gradient buffer is needed for backward, not the logits
             term = parts.total_sum * inputs["scale"][mode]
