@@ -119,6 +119,8 @@ def surfaces(tokenizer) -> Surfaces:
 
 
 def _build_surfaces(tokenizer) -> Surfaces:
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        return _build_python_surfaces(tokenizer)
     j = _fingerprint_json(tokenizer)
     fingerprint = hashlib.sha256(json.dumps(j, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     types = set(_component_types(j.get("decoder"))) | set(_component_types(j.get("pre_tokenizer")))
@@ -135,8 +137,27 @@ def _build_surfaces(tokenizer) -> Surfaces:
             stack += n.get("decoders") or []
             stack += n.get("pretokenizers") or []
     byte_fallback_on = bool((j.get("model") or {}).get("byte_fallback"))
-
     vocab = _backend(tokenizer).get_vocab(with_added_tokens=True)
+    return _surfaces_from_vocab(tokenizer, vocab, fingerprint, byte_level, metaspace, byte_fallback_on)
+
+
+def _build_python_surfaces(tokenizer) -> Surfaces:
+    """Surfaces of a tokenizer without a Rust backend (a Python `PythonBackend`, e.g. remote code):
+    its token strings read with the conventions their markers reveal (`Ġ`: byte-level, `▁`: a space,
+    `<0xNN>`: a byte). Used by the MinED path only (no offsets); fingerprint = class + vocabulary."""
+    vocab = tokenizer.get_vocab()
+    fingerprint = hashlib.sha256(json.dumps([type(tokenizer).__name__, sorted(vocab.items())],
+                                            ensure_ascii=False).encode()).hexdigest()
+    toks = list(vocab)
+    share = lambda mark: sum(t.startswith(mark) for t in toks) / max(len(toks), 1)  # noqa: E731
+    byte_level = share("Ġ") > 0.05
+    metaspace = "▁" if share("▁") > 0.05 else None
+    fallback = any(_BYTE_FALLBACK.match(t) for t in toks)
+    return _surfaces_from_vocab(tokenizer, vocab, fingerprint, byte_level, metaspace, fallback)
+
+
+def _surfaces_from_vocab(tokenizer, vocab: dict, fingerprint: str, byte_level: bool, metaspace: Optional[str],
+                         byte_fallback_on: bool) -> Surfaces:
     size = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
     tokens = [""] * size
     for t, i in vocab.items():
@@ -453,15 +474,51 @@ def align_mined(src_tokens: Sequence, tgt_tokens: Sequence) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The per-sequence entry point used by the build stage.
+# The response region of a chat rendering, and the 1:1 alignment of two of them.
+
+@dataclass
+class ResponseTokens:
+    """The response-region tokens of one chat rendering, with byte spans relative to the response.
+
+    Response tokens are those encode_chat labels: from the first token whose character span ends
+    after the prompt boundary to the end of the text (end-of-turn and template tail included). A
+    token straddling the boundary (Vicuna's `▁The` after "ASSISTANT:") starts before byte 0.
+    """
+    ids: np.ndarray  # int64 [n]
+    starts: np.ndarray  # int64 [n]: byte span relative to the response's first byte in the rendering
+    ends: np.ndarray  # int64 [n]
+    exact: np.ndarray  # bool [n]: surface bytes == rendering bytes under the span
+    text: np.ndarray  # uint8: the whole rendering, UTF-8
+    base: int  # byte offset of the response's first byte in the rendering
+
+
+def response_tokens(tok, text: str, resp_start: int, response: str) -> ResponseTokens:
+    """Tokenize a rendering (prompt + response region, `resp_start` = len(prompt text)) with exact byte
+    spans; raises ValueError when `response` is not verbatim after the prompt (a template that
+    rewrites content)."""
+    c = text.find(response, resp_start)
+    if c < 0:
+        raise ValueError("the response text does not appear verbatim after the prompt in the rendering "
+                         "(does its chat template rewrite the message content, e.g. trim it?)")
+    spans = token_spans(tok, text)
+    first = _response_start(spans, resp_start)
+    base = len(text[:c].encode("utf-8", "surrogatepass"))
+    tb = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    return ResponseTokens(spans.ids[first:], spans.starts[first:] - base, spans.ends[first:] - base,
+                          spans.exact[first:], tb, base)
+
+
+def end_of_turn_index(rt: ResponseTokens, eot_id: Optional[int], n_resp: int) -> Optional[int]:
+    """Index of the first `eot_id` token after the response text in `rt`, or None."""
+    if eot_id is None:
+        return None
+    hit = np.flatnonzero((rt.ids == eot_id) & (rt.starts >= n_resp))
+    return int(hit[0]) if len(hit) else None
+
 
 @dataclass
 class ResponseAlignment:
-    """Target response position -> source response position (or -1).
-
-    Response positions are those encode_chat labels: tokens from the first one whose character span
-    ends after the prompt boundary to the end of the text (end-of-turn and template tail included).
-    """
+    """Target response position -> source response position (or -1), one to one."""
     tgt_to_src: np.ndarray  # int64 [n_tgt_resp]
     src_ids: np.ndarray  # int64 [n_src_resp]: the source's response ids (== teacher token_ids)
     tgt_ids: np.ndarray  # int64 [n_tgt_resp]
@@ -485,56 +542,42 @@ def align_response(
     src_eot_id: Optional[int] = None, tgt_eot_id: Optional[int] = None,
     method: str = "spans",
 ) -> ResponseAlignment:
-    """Align the response tokens of two chat renderings of the same `response`.
+    """One-to-one alignment of the response tokens of two chat renderings of the same `response`.
 
     src_text/tgt_text are full renderings (prompt + response region, as split_response gives them);
     *_resp_start is the character boundary len(prompt_text). Spans are compared relative to where
-    `response` starts in each text, and only tokens lying wholly inside the response are matched
-    (a token that also covers template text, such as Vicuna's `▁The` after "ASSISTANT:", has a
-    different prefix context and text, so it is not). The end-of-turn tokens (*_eot_id, from
-    profuser.chat.end_of_turn_id) are paired: the first one after the response on each side.
-    Same tokenizer and same response-region ids: identity ("copy").
-    method: "spans" (exact, default) or "mined" (DTW over the response tokens' surfaces).
+    `response` starts in each text, and only tokens lying wholly inside the response are matched.
+    The end-of-turn tokens (*_eot_id, from profuser.chat.end_of_turn_id) are paired: the first one
+    after the response on each side. Same tokenizer and same response-region ids: identity ("copy").
+    method: "spans" (exact byte spans, default) or "mined" (DTW over the response tokens' surfaces).
+    This is the 1:1 rule; profuser.transfer.project gives every covered position a distribution.
     """
     if method not in ("spans", "mined"):
         raise ValueError(f"method must be 'spans' or 'mined', got {method!r}")
-    c_src = src_text.find(response, src_resp_start)
-    c_tgt = tgt_text.find(response, tgt_resp_start)
-    if c_src < 0 or c_tgt < 0:
-        side = "source" if c_src < 0 else "target"
-        raise ValueError(
-            f"the response text does not appear verbatim after the prompt in the {side} rendering "
-            "(does its chat template rewrite the message content, e.g. trim it?)"
-        )
-    ss, ts = token_spans(src_tok, src_text), token_spans(tgt_tok, tgt_text)
-    s0, t0 = _response_start(ss, src_resp_start), _response_start(ts, tgt_resp_start)
-    src_ids, tgt_ids = ss.ids[s0:], ts.ids[t0:]
+    try:
+        src = response_tokens(src_tok, src_text, src_resp_start, response)
+    except ValueError as e:
+        raise ValueError(f"source: {e}") from None
+    try:
+        tgt = response_tokens(tgt_tok, tgt_text, tgt_resp_start, response)
+    except ValueError as e:
+        raise ValueError(f"target: {e}") from None
     if (same_tokenizer(src_tok, tgt_tok) and src_text[src_resp_start:] == tgt_text[tgt_resp_start:]
-            and np.array_equal(src_ids, tgt_ids)):
-        return ResponseAlignment(np.arange(len(tgt_ids), dtype=np.int64), src_ids, tgt_ids, "copy")
-
-    def rel(spans: TokenSpans, first: int, c: int, text: str):
-        base = len(text[:c].encode("utf-8", "surrogatepass"))
-        st, en = spans.starts[first:] - base, spans.ends[first:] - base
-        inside = spans.exact[first:] & (st >= 0) & (en <= len(response.encode("utf-8", "surrogatepass")))
-        return st, en, inside
-
-    a_st, a_en, a_ok = rel(ss, s0, c_src, src_text)
-    b_st, b_en, b_ok = rel(ts, t0, c_tgt, tgt_text)
+            and np.array_equal(src.ids, tgt.ids)):
+        return ResponseAlignment(np.arange(len(tgt.ids), dtype=np.int64), src.ids, tgt.ids, "copy")
+    n_resp = len(response.encode("utf-8", "surrogatepass"))
     if method == "spans":
-        out = align_spans(a_st, a_en, b_st, b_en, a_ok, b_ok)
+        a_ok = src.exact & (src.starts >= 0) & (src.ends <= n_resp)
+        b_ok = tgt.exact & (tgt.starts >= 0) & (tgt.ends <= n_resp)
+        out = align_spans(src.starts, src.ends, tgt.starts, tgt.ends, a_ok, b_ok)
     else:
         # Offsets are not trusted here: DTW over every response-region token's surface.
         sa, sb = surfaces(src_tok).surfaces, surfaces(tgt_tok).surfaces
-        out = align_mined([sa[i] for i in src_ids], [sb[i] for i in tgt_ids])
-
-    n_resp = len(response.encode("utf-8", "surrogatepass"))
-    if src_eot_id is not None and tgt_eot_id is not None:
-        a_eot = np.flatnonzero((src_ids == src_eot_id) & (a_st >= n_resp))
-        b_eot = np.flatnonzero((tgt_ids == tgt_eot_id) & (b_st >= n_resp))
-        if len(a_eot) and len(b_eot):
-            out[b_eot[0]] = a_eot[0]
-    return ResponseAlignment(out, src_ids, tgt_ids, method)
+        out = align_mined([sa[i] for i in src.ids], [sb[i] for i in tgt.ids])
+    a_eot, b_eot = end_of_turn_index(src, src_eot_id, n_resp), end_of_turn_index(tgt, tgt_eot_id, n_resp)
+    if a_eot is not None and b_eot is not None:
+        out[b_eot] = a_eot
+    return ResponseAlignment(out, src.ids, tgt.ids, method)
 
 
 def align_text(src_tok, tgt_tok, text: str, method: str = "spans") -> ResponseAlignment:

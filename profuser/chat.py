@@ -3,7 +3,8 @@
 The conversation is rendered twice with the model's chat template — the prompt with the generation
 prompt, and the whole conversation with the response — and the prompt rendering must be a prefix of
 the full one. The full text is tokenized once (so token boundaries are the model's own), and a token
-is a response token when its character span starts at or after the boundary. Labels are -100 on
+is a response token when its character span ends after the boundary (a token straddling the
+boundary carries response text). Labels are -100 on
 prompt tokens; the response's end-of-turn token is a label.
 """
 from __future__ import annotations
@@ -110,6 +111,22 @@ class Encoded:
     prompt_len: int  # number of prompt tokens (labels -100); input_ids[prompt_len:] is the response
     text: str  # the full rendering
     truncated: int = 0  # prompt tokens dropped by the over-length policy
+    offsets: Optional[list] = None  # (start, end) character offsets into `text` of each kept token; None
+    # for a tokenizer without offsets (then the prompt is the tokens the full text shares with it)
+    boundary: int = 0  # character index where the response region starts (len(prompt text))
+
+    def text_tokens(self, response: str, special_ids=()) -> list[bool]:
+        """Per response token (input_ids[prompt_len:]): does it encode characters of `response`
+        itself? Template text after the response (end-of-turn token, ChatML's newline) does not.
+        When the template rewrote the response (not verbatim in the rendering), or the tokenizer has
+        no offsets, every response token that is not a special token counts."""
+        c = self.text.find(response, self.boundary) if response and self.offsets is not None else -1
+        if c < 0:  # no offsets, or a template that rewrote the response
+            special = set(special_ids)
+            return [t not in special for t in self.input_ids[self.prompt_len:]]
+        spans = self.offsets[self.prompt_len:]
+        end = c + len(response)
+        return [s < end and e > c for s, e in spans]
 
 
 class OverLength(ValueError):
@@ -142,12 +159,18 @@ def encode_chat(
     """
     prompt, resp = split_response(tokenizer, template, messages, response)
     text = prompt + resp
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
     boundary = len(prompt)
-    # First token whose span ends after the boundary: a token straddling it carries response text,
-    # so it is trained on (it is what the model must produce after the prompt).
-    n_prompt = next((i for i, (s, e) in enumerate(offsets) if e > boundary), len(ids))
+    if getattr(tokenizer, "backend_tokenizer", None) is not None:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        # First token whose span ends after the boundary: a token straddling it carries response
+        # text, so it is trained on (it is what the model must produce after the prompt).
+        n_prompt = next((i for i, (s, e) in enumerate(offsets) if e > boundary), len(ids))
+    else:  # a tokenizer without offsets: the prompt is the tokens the full text shares with it
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        alone = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        n_prompt = next((i for i, (a, b) in enumerate(zip(ids, alone)) if a != b), min(len(ids), len(alone)))
+        offsets = None
     truncated = 0
     if max_length is not None and len(ids) > max_length:
         n_resp = len(ids) - n_prompt
@@ -159,7 +182,8 @@ def encode_chat(
         ids = ids[truncated:]
         n_prompt -= truncated
     labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
-    return Encoded(list(ids), labels, n_prompt, text, truncated)
+    offsets = None if offsets is None else [tuple(o) for o in offsets[truncated:]]
+    return Encoded(list(ids), labels, n_prompt, text, truncated, offsets, boundary)
 
 
 def end_of_turn_id(tokenizer, template: str) -> Optional[int]:
@@ -169,6 +193,10 @@ def end_of_turn_id(tokenizer, template: str) -> Optional[int]:
     """
     sentinel = "Zq9sentinel"
     _, resp = split_response(tokenizer, template, [{"role": "user", "content": "hi"}], sentinel)
+    if sentinel not in resp:
+        raise ChatTemplateError(
+            f"the chat template does not write the assistant's message as given (rendered {resp!r} for "
+            f"{sentinel!r}); the response text must appear verbatim to find and align its tokens")
     tail = resp[resp.index(sentinel) + len(sentinel):]
     special = set(tokenizer.all_special_ids) | {
         i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)

@@ -126,8 +126,15 @@ class PrepConfig:
     shard_size: int = _f(256, help="Records per output shard (the unit of resume).", ge=1)
     batch_size: int = _f(8, help="Sequences per teacher-forcing batch.", ge=1)
     generate: GenerateConfig = _f(factory=GenerateConfig, help="Response generation (inference mode).")
-    vocab_mapping: Literal["exact", "soft"] = _f(
-        "exact", help="Source->target token mapping: exact surface match, or nearest by edit distance."
+    vocab_mapping: Literal["prefix", "exact", "soft"] = _f(
+        "prefix", help="Source->target token mapping when no target token has the same surface: prefix = the "
+        "target token that is the longest prefix of it (the token the target starts that text with); exact = "
+        "none (the entry is dropped); soft = nearest by edit distance (FuseLLM)."
+    )
+    mince: Literal["byte", "token"] = _f(
+        "byte", help="Training-mode teacher choice (MinCE): byte = lowest NLL of the response text per UTF-8 byte "
+        "(comparable across tokenizers, template tokens excluded); token = lowest mean CE per the source's own "
+        "token, end of turn included (the paper's and FuseLLM's rule)."
     )
     chunk_tokens: int = _f(
         1024, help="Response positions whose logits are cast to fp32 at once for top-k and CE (memory bound).", ge=1

@@ -104,14 +104,18 @@ def _run(cmd: list[str], env: dict | None = None) -> None:
 
 
 def teacher_shares(run_dir: Path, records: list[dict]) -> dict:
-    """{mode: {skill: {source: share}}} from the teacher stage's winners."""
+    """{mode: {skill: {source: share}}}: the teacher of each training sample, from the training set."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     skill = {r["id"]: r["skill"] for r in records}
-    winners = pq.read_table(run_dir / "prep" / "teacher" / "winners.parquet").to_pylist()
+    cols = ["id", "training_teacher", "inference_teacher"]
+    table = pa.concat_tables([pq.read_table(f, columns=cols) for f in sorted((run_dir / "prep" / "build").glob("*.parquet"))])
     counts: dict = defaultdict(lambda: defaultdict(Counter))
-    for w in winners:
-        counts[w["mode"]][skill.get(w["id"], "?")][w["source"]] += 1
+    for row in table.to_pylist():
+        for m in ("training", "inference"):
+            if row[f"{m}_teacher"] is not None:
+                counts[m][skill.get(row["id"], "?")][row[f"{m}_teacher"]] += 1
     return {m: {sk: {s: c[s] / sum(c.values()) for s in SPECIALISTS} for sk, c in per.items()}
             for m, per in counts.items()}
 

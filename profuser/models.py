@@ -83,7 +83,40 @@ def load_tokenizer(spec: ModelConfig):
         raise ModelLoadError(f"{spec.name}: cannot load tokenizer from {spec.tokenizer or spec.path!r}: {e}") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if not has_offsets(tok):
+        fast = to_fast(tok)
+        if fast is not None:
+            log.info("%s: %s has no Rust backend; converted to a fast tokenizer (identical ids, with offsets)",
+                     spec.name, type(tok).__name__)
+            return fast
+        log.warning("%s: %s has no Rust backend and transformers cannot convert it: no character offsets, so "
+                    "its tokens are aligned by MinED (1:1 pairs only)", spec.name, type(tok).__name__)
     return tok
+
+
+def has_offsets(tok) -> bool:
+    """Whether the tokenizer gives character offsets (a Rust `tokenizers` backend)."""
+    return getattr(tok, "backend_tokenizer", None) is not None
+
+
+def to_fast(tok):
+    """A fast tokenizer with the same vocabulary, special tokens and chat template, converted by
+    transformers' slow->fast converters; None when no converter applies or the ids would differ."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import convert_slow_tokenizer
+
+        backend = convert_slow_tokenizer(tok)
+        fast = PreTrainedTokenizerFast(tokenizer_object=backend, **{
+            k: getattr(tok, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if getattr(tok, k, None) is not None})
+        fast.chat_template = tok.chat_template
+        probe = "Hello world, café 42!\n  x"
+        if fast(probe, add_special_tokens=False)["input_ids"] != tok(probe, add_special_tokens=False)["input_ids"]:
+            return None
+        return fast
+    except Exception:  # noqa: BLE001 — no converter for this class: keep the slow tokenizer
+        return None
 
 
 @dataclass

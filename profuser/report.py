@@ -94,12 +94,13 @@ def plot_training(runs: dict[str, list[dict]], out: Path) -> list[Path]:
 def prep_distributions(run_dir: Path, stats: Optional[dict]) -> Optional[dict]:
     """Raw per-source values: {"scores": {scorer: {source: [..]}}, "ce": {mode: {source: [..]}}}."""
     from profuser.prep.read import part_table
+    from profuser.selection import bits_per_byte
 
     if stats is None or not (run_dir / "prep" / "teacher" / "manifest.json").exists():
         return None
     sources = list(dict.fromkeys(s for per in stats.get("ce", {}).values() for s in per))
     scorers = list(stats.get("scores", {}))
-    out: dict = {"scores": {}, "ce": {}}
+    out: dict = {"scores": {}, "ce": {}, "bpb": {}}
     try:
         t = part_table(run_dir, "score", "scores").to_pylist()
         for sc in scorers:
@@ -113,20 +114,22 @@ def prep_distributions(run_dir: Path, stats: Optional[dict]) -> Optional[dict]:
     except (FileNotFoundError, KeyError):
         pass
     for m in MODES:
-        out["ce"][m] = {}
+        out["ce"][m], out["bpb"][m] = {}, {}
         for s in sources:
             try:
-                out["ce"][m][s] = [x for x in part_table(run_dir, "teacher", f"{m}/{s}", ["ce"]).column("ce").to_pylist()
-                                   if x is not None]
+                t = part_table(run_dir, "teacher", f"{m}/{s}", ["ce", "text_nll", "text_bytes"]).to_pydict()
             except (FileNotFoundError, KeyError):
-                out["ce"][m][s] = []
+                t = {"ce": [], "text_nll": [], "text_bytes": []}
+            out["ce"][m][s] = [x for x in t["ce"] if x is not None]
+            out["bpb"][m][s] = [bits_per_byte(a, b) for a, b in zip(t["text_nll"], t["text_bytes"]) if b]
     return out
 
 
 def plot_prep(dist: dict, stats: Optional[dict], out: Path) -> list[Path]:
     paths = []
     panels = [("score", sc, per) for sc, per in dist["scores"].items()] + \
-             [("CE", m, per) for m, per in dist["ce"].items() if any(per.values())]
+             [("CE nats/token", m, per) for m, per in dist["ce"].items() if any(per.values())] + \
+             [("bits/byte", m, per) for m, per in dist.get("bpb", {}).items() if any(per.values())]
     if panels:
         fig, axes = _figure(len(panels), "Per-source distributions")
         for ax, (kind, name, per) in zip(axes, panels):
@@ -137,7 +140,7 @@ def plot_prep(dist: dict, stats: Optional[dict], out: Path) -> list[Path]:
         paths.append(_save(fig, out / "prep_distributions.png"))
     if stats and stats.get("win_rate"):
         wr = stats["win_rate"]
-        fig, axes = _figure(1, "Win rate per mode (share of samples each source teaches)")
+        fig, axes = _figure(1, "Teacher per mode (share of samples each source teaches, after fallbacks)")
         srcs = sorted({s for per in wr.values() for s in per})
         width = 0.8 / max(1, len(wr))
         for i, (m, per) in enumerate(sorted(wr.items())):
@@ -176,13 +179,17 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
             md += [_table(["stage", "in", "kept", "rejected"], rows), ""]
         if stats and stats.get("win_rate"):
             srcs = sorted({s for per in stats["win_rate"].values() for s in per})
-            rows = [[m] + [f"{per.get(s, {}).get('share', 0):.1%}" for s in srcs] for m, per in stats["win_rate"].items()]
-            md += ["Share of samples each source teaches (win rate):", "", _table(["mode"] + srcs, rows), ""]
+            cell = lambda r: f"{r.get('share', 0):.1%} ({r.get('first_choice_share', r.get('share', 0)):.1%})"  # noqa: E731
+            rows = [[m] + [cell(per.get(s, {})) for s in srcs] for m, per in stats["win_rate"].items()]
+            md += [f"Share of samples each source teaches (in brackets: first choice, before fallbacks; training "
+                   f"mode chosen by MinCE per {stats.get('mince', 'token')}):", "", _table(["mode"] + srcs, rows), ""]
         if stats and stats.get("ce"):
-            rows = [[m, s, v.get("mean", float("nan")), v.get("median", float("nan")), v.get("n", 0)]
-                    for m, per in stats["ce"].items() for s, v in per.items() if v.get("n")]
-            md += ["Teacher-forced CE per source (nats/token):", "", _table(["mode", "source", "mean", "median", "n"], rows), ""]
-        images += plot_prep(dist or {"scores": {}, "ce": {}}, stats, out)
+            bpb = stats.get("bpb", {})
+            rows = [[m, s, v.get("mean", float("nan")), bpb.get(m, {}).get(s, {}).get("mean", float("nan")),
+                     v.get("n", 0)] for m, per in stats["ce"].items() for s, v in per.items() if v.get("n")]
+            md += ["Teacher-forced cross-entropy per source:", "",
+                   _table(["mode", "source", "nats per own token (mean)", "bits per byte of text (mean)", "n"], rows), ""]
+        images += plot_prep(dist or {"scores": {}, "ce": {}, "bpb": {}}, stats, out)
 
     runs = training_runs(run_dir)
     if runs:

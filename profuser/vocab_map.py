@@ -5,12 +5,20 @@ byte-level decoded, `▁` -> space, `<0xNN>` -> the byte), so `ĠcafÃ©` and `�
 Special tokens never match by surface; they map by role (eos -> eos, bos -> bos, unk -> unk) and by
 explicit pairs such as each template's end-of-turn token. When a target surface is held by several
 ids, the one the target tokenizer would produce wins: a regular vocabulary entry over a byte-fallback
-piece over an added token. "soft" mode then gives each still-unmapped source id the target id at the
-smallest edit distance (FuseLLM's soft vocabulary alignment), among candidates that agree on the
-leading space and on the first byte after it, and have a similar length.
+piece over an added token. A source id without an identical target surface then maps, by mode:
+- "prefix" (default): to the target token whose surface is the longest prefix of the source
+  surface — the token a target starts that continuation with (` cats` -> ` cat` when the target has
+  no ` cats`): the teacher's probability of ` cats` is probability of a continuation the target
+  begins with ` cat`;
+- "exact": nowhere (-1);
+- "soft": to the target id at the smallest edit distance (FuseLLM's soft vocabulary alignment),
+  among candidates that agree on the leading space and on the first byte after it, and have a
+  similar length.
+`prefix_table` extends the prefix rule to every byte offset inside a source surface (what a target
+token that starts in the middle of a source token is predicted from, profuser.transfer).
 
-Tables are int64 [source vocab] with -1 for "no counterpart", computed once per (source, target)
-and cached as .npy keyed by both tokenizers' fingerprints.
+Tables are int64 with -1 for "no counterpart", computed once per (source, target) and cached as
+.npy keyed by both tokenizers' fingerprints.
 """
 from __future__ import annotations
 
@@ -24,7 +32,8 @@ import numpy as np
 
 from profuser.align import Surfaces, edit_distance_matrix, same_tokenizer, surfaces
 
-MAP_VERSION = 1  # bump when the mapping rules change, to invalidate caches
+MAP_VERSION = 2  # bump when the mapping rules change, to invalidate caches
+VOCAB_MAPPINGS = ("prefix", "exact", "soft")
 PAD_ID = -1
 PAD_LOGPROB = float("-inf")
 
@@ -52,33 +61,67 @@ def _target_index(t: Surfaces) -> dict[bytes, int]:
 
 
 def build_vocab_map(
-    src_tok, tgt_tok, mode: str = "exact", special_pairs: Optional[dict[int, int]] = None,
-    soft_max_ratio: float = 0.5,
+    src_tok, tgt_tok, mode: str = "prefix", special_pairs: Optional[dict[int, int]] = None,
+    soft_max_ratio: float = 0.5, by_byte: Optional[np.ndarray] = None,
 ) -> np.ndarray:
-    """int64 [source vocab]: target id with the same surface, else -1 (see module docstring).
+    """int64 [source vocab]: target id with the same surface, else by `mode` (see the module
+    docstring), else -1.
 
     special_pairs: extra {source id: target id} applied last (e.g. end-of-turn tokens).
     mode "soft": unmapped non-special source ids take the nearest target surface by edit distance
     when distance <= soft_max_ratio * len(source surface).
+    by_byte: prefix_table's output for this pair and mode, when already computed.
     Identical tokenizers give the identity table.
     """
-    if mode not in ("exact", "soft"):
-        raise ValueError(f"vocab map mode must be 'exact' or 'soft', got {mode!r}")
+    if mode not in VOCAB_MAPPINGS:
+        raise ValueError(f"vocab map mode must be one of {VOCAB_MAPPINGS}, got {mode!r}")
     s, t = surfaces(src_tok), surfaces(tgt_tok)
     n_src = len(s.surfaces)
     if same_tokenizer(src_tok, tgt_tok):
         out = np.arange(n_src, dtype=np.int64)
     else:
-        index = _target_index(t)
-        out = np.fromiter(
-            (-1 if s.special[i] else index.get(b, -1) for i, b in enumerate(s.surfaces)),
-            dtype=np.int64, count=n_src,
-        )
+        if by_byte is None:
+            by_byte = prefix_table(src_tok, tgt_tok, exact_only=mode != "prefix")
+        out = np.where(s.lengths > 0, by_byte[np.minimum(s.offsets, max(len(by_byte) - 1, 0))], -1)
         if mode == "soft":
             _soft_fill(out, s, t, soft_max_ratio)
     for a, b in {**_role_pairs(src_tok, tgt_tok), **(special_pairs or {})}.items():
         if 0 <= a < n_src and 0 <= b < len(t.surfaces):
             out[a] = b
+    return out
+
+
+def prefix_table(src_tok, tgt_tok, exact_only: bool = False) -> np.ndarray:
+    """int64 [total surface bytes of the source vocabulary]: entry offsets[i] + d (profuser.align.
+    Surfaces) is the target id for source token i's surface from byte d on: the target token whose
+    surface is the longest prefix of it (identical surfaces included), or, with exact_only, the one
+    whose surface equals it; -1 when none, and for every byte of special source tokens (they map by
+    role, see build_vocab_map). One pass over the source vocabulary's suffixes, stopping at the first
+    byte no target surface continues with."""
+    s, t = surfaces(src_tok), surfaces(tgt_tok)
+    index = _target_index(t)
+    out = np.full(len(s.flat), -1, dtype=np.int64)
+    if exact_only:
+        for i, b in enumerate(s.surfaces):
+            if s.special[i] or not b:
+                continue
+            o = int(s.offsets[i])
+            for d in range(len(b)):
+                out[o + d] = index.get(b[d:], -1)
+        return out
+    prefixes = {b[:n] for b in index for n in range(1, len(b) + 1)}
+    for i, b in enumerate(s.surfaces):
+        if s.special[i] or not b:
+            continue
+        o, n = int(s.offsets[i]), len(b)
+        for d in range(n):
+            best = -1
+            for e in range(d + 1, n + 1):
+                piece = b[d:e]
+                if piece not in prefixes:
+                    break
+                best = index.get(piece, best)
+            out[o + d] = best
     return out
 
 
@@ -127,6 +170,33 @@ def _soft_fill(out: np.ndarray, s: Surfaces, t: Surfaces, max_ratio: float, budg
             out[np.array(part)[ok]] = near[best[ok]]
 
 
+def pair_tables(src_tok, tgt_tok, mode: str = "prefix", special_pairs: Optional[dict[int, int]] = None,
+                soft_max_ratio: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(whole-token map [source vocab], by-byte table [source surface bytes]) for profuser.transfer:
+    build_vocab_map's table, and prefix_table (longest prefix in "prefix" mode, identical surfaces
+    in "exact"/"soft" mode: soft matching is FuseLLM's rule for whole tokens only)."""
+    by_byte = prefix_table(src_tok, tgt_tok, exact_only=mode != "prefix")
+    return build_vocab_map(src_tok, tgt_tok, mode, special_pairs, soft_max_ratio, by_byte), by_byte
+
+
+def load_pair_tables(src_tok, tgt_tok, cache_dir, mode: str = "prefix",
+                     special_pairs: Optional[dict[int, int]] = None,
+                     soft_max_ratio: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """pair_tables, cached as cache_dir/pair-<key>.npz (written atomically)."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"pair-{vocab_map_key(src_tok, tgt_tok, mode, special_pairs, soft_max_ratio)}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return z["first"], z["by_byte"]
+    first, by_byte = pair_tables(src_tok, tgt_tok, mode, special_pairs, soft_max_ratio)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, first=first, by_byte=by_byte)
+    os.replace(tmp, path)
+    return first, by_byte
+
+
 def vocab_map_key(src_tok, tgt_tok, mode: str, special_pairs: Optional[dict[int, int]] = None,
                   soft_max_ratio: float = 0.5) -> str:
     h = hashlib.sha256()
@@ -139,7 +209,7 @@ def vocab_map_key(src_tok, tgt_tok, mode: str, special_pairs: Optional[dict[int,
 
 
 def load_or_build_vocab_map(
-    src_tok, tgt_tok, cache_dir, mode: str = "exact", special_pairs: Optional[dict[int, int]] = None,
+    src_tok, tgt_tok, cache_dir, mode: str = "prefix", special_pairs: Optional[dict[int, int]] = None,
     soft_max_ratio: float = 0.5,
 ) -> np.ndarray:
     """build_vocab_map, cached as cache_dir/vocab_map-<key>.npy (written atomically)."""
@@ -156,16 +226,46 @@ def load_or_build_vocab_map(
     return table
 
 
+def merge_entries(ids, lps, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: merge equal ids by log-sum-exp, drop ids < 0 and -inf entries, keep the k most
+    probable, left-packed in descending order (ties: lower id first), padded with PAD_ID /
+    PAD_LOGPROB. ids/lps [R, K'] -> ([R, k] int64, [R, k] float32). No Python loop over entries."""
+    ids = np.asarray(ids, dtype=np.int64)
+    lps = np.asarray(lps, dtype=np.float64)
+    R = ids.shape[0]
+    out_ids = np.full((R, k), PAD_ID, dtype=np.int64)
+    out_lp = np.full((R, k), PAD_LOGPROB, dtype=np.float32)
+    rows, cols = np.nonzero((ids >= 0) & (lps > -np.inf))
+    if len(rows) == 0:
+        return out_ids, out_lp
+    mid, lv = ids[rows, cols], lps[rows, cols]
+    order = np.lexsort((mid, rows))
+    rows, mid, lv = rows[order], mid[order], lv[order]
+    head = np.ones(len(rows), dtype=bool)
+    head[1:] = (rows[1:] != rows[:-1]) | (mid[1:] != mid[:-1])
+    starts = np.flatnonzero(head)
+    seg = np.cumsum(head) - 1
+    m = np.maximum.reduceat(lv, starts)
+    merged = m + np.log(np.add.reduceat(np.exp(lv - m[seg]), starts))
+    srow, sid = rows[starts], mid[starts]
+    order = np.lexsort((sid, -merged, srow))
+    srow, sid, merged = srow[order], sid[order], merged[order]
+    col = np.arange(len(srow)) - np.searchsorted(srow, srow, side="left")
+    keep = col < k
+    out_ids[srow[keep], col[keep]] = sid[keep]
+    out_lp[srow[keep], col[keep]] = merged[keep]
+    return out_ids, out_lp
+
+
 def map_topk(topk_ids, topk_logprobs, vocab_map: Optional[np.ndarray]):
-    """Re-express top-k teacher distributions in target ids.
+    """Re-express top-k teacher distributions in target ids, entry by entry (the 1:1 rule).
 
     topk_ids [R, k] int (-1 = none), topk_logprobs [R, k] float: log-probs over the teacher's full
     vocabulary. vocab_map: build_vocab_map's table, or None for identical tokenizers (copy).
     Returns (ids [R, k] int64, logprobs [R, k] float32, kept_mass [R] float64):
     - unmapped entries (-1 or out-of-table ids) are dropped; ids that collide after mapping are
-      merged by log-sum-exp; the survivors are left-packed in descending log-prob order and the row
-      is padded with PAD_ID / PAD_LOGPROB (-inf): mask on ids >= 0.
-    - log-probs stay teacher log-probs (not renormalized: the loss renormalizes over the support).
+      merged by log-sum-exp (merge_entries); survivors left-packed in descending log-prob order.
+    - log-probs stay teacher log-probs (not renormalized).
     - kept_mass = sum exp(kept) / sum exp(original entries); 0 for a row with no entries.
     """
     ids = np.asarray(topk_ids, dtype=np.int64)
@@ -182,30 +282,7 @@ def map_topk(topk_ids, topk_logprobs, vocab_map: Optional[np.ndarray]):
     p = np.where(valid, np.exp(lp), 0.0)
     total = p.sum(axis=1)
     kept_mass = np.divide((p * keep).sum(axis=1), total, out=np.zeros(R), where=total > 0)
-
-    out_ids = np.full((R, k), PAD_ID, dtype=np.int64)
-    out_lp = np.full((R, k), PAD_LOGPROB, dtype=np.float32)
-    rows, cols = np.nonzero(keep)
-    if len(rows) == 0:
-        return out_ids, out_lp, kept_mass
-    mid, l = mapped[rows, cols], lp[rows, cols]
-    order = np.lexsort((mid, rows))
-    rows, mid, l = rows[order], mid[order], l[order]
-    head = np.ones(len(rows), dtype=bool)
-    head[1:] = (rows[1:] != rows[:-1]) | (mid[1:] != mid[:-1])
-    starts = np.flatnonzero(head)
-    seg = np.cumsum(head) - 1
-    m = np.maximum.reduceat(l, starts)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        merged = m_safe + np.log(np.add.reduceat(np.exp(l - m_safe[seg]), starts))
-    srow, sid = rows[starts], mid[starts]
-    order = np.lexsort((-merged, srow))
-    srow, sid, merged = srow[order], sid[order], merged[order]
-    first_of_row = np.searchsorted(srow, srow, side="left")
-    col = np.arange(len(srow)) - first_of_row
-    out_ids[srow, col] = sid
-    out_lp[srow, col] = merged
+    out_ids, out_lp = merge_entries(mapped, np.where(keep, lp, -np.inf), k)
     return out_ids, out_lp, kept_mass
 
 

@@ -70,6 +70,25 @@ def smollm2_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def toks() -> dict:
+    """The fixture tokenizers of the three families, plus a second, identical chatml_bpe ("target")."""
+    from profuser.tiny import build_tokenizer
+
+    out = {f: build_tokenizer(f) for f in ("chatml_bpe", "vicuna_spm", "gemma_unigram")}
+    out["target"] = build_tokenizer("chatml_bpe")  # a separate, identical instance
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_tok(smollm2_path):
+    """SmolLM2-135M-Instruct's tokenizer (byte-level BPE, 49,152 tokens) from its GGUF."""
+    from transformers import AutoTokenizer
+
+    p = Path(smollm2_path)
+    return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_path):
     """SmolLM2-135M-Instruct loaded from its GGUF with its own tokenizer and chat template."""
     from profuser.config import ModelConfig

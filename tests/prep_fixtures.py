@@ -30,8 +30,8 @@ def rows_by_key(run_dir, stage: str, part: str, key=("id",)) -> dict:
 
 
 def assert_same_prep(a, b, ce_tol: float = 1e-5) -> None:
-    """Two prep runs hold the same records, generations, scores, winners and teacher rows."""
-    ma, mb = (manifest(a, "teacher"), manifest(b, "teacher"))
+    """Two prep runs hold the same records, generations, scores and teacher rows, and (when both ran
+    align) the same teacher choices."""
     for stage in STAGES:
         pa_, pb_ = manifest(a, stage)["parts"], manifest(b, stage)["parts"]
         assert sorted(pa_) == sorted(pb_), stage
@@ -46,17 +46,17 @@ def assert_same_prep(a, b, ce_tol: float = 1e-5) -> None:
                     continue
                 assert x["token_ids"] == y["token_ids"] and x["response"] == y["response"], (part, k)
                 assert abs(x["ce"] - y["ce"]) <= ce_tol, (part, k, x["ce"], y["ce"])
+                assert abs(x["text_nll"] - y["text_nll"]) <= ce_tol * max(1, x["text_tokens"]), (part, k)
+                assert (x["text_bytes"], x["text_tokens"]) == (y["text_bytes"], y["text_tokens"]), (part, k)
                 assert x["topk_ids"] == y["topk_ids"], (part, k)
                 la, lb = np.array(x["topk_logprobs"], np.float32), np.array(y["topk_logprobs"], np.float32)
                 np.testing.assert_allclose(la, lb, rtol=1e-3, atol=1e-3)
+                np.testing.assert_allclose(np.array(x["token_logprobs"], np.float32),
+                                           np.array(y["token_logprobs"], np.float32), rtol=1e-3, atol=1e-3)
         assert sorted(rejects(a, stage), key=json.dumps) == sorted(rejects(b, stage), key=json.dumps), stage
-    assert ma["winners"] == mb["winners"]
-    import pyarrow.parquet as pq
-
-    wa = pq.read_table(Path(a) / "prep/teacher/winners.parquet").to_pylist()
-    wb = pq.read_table(Path(b) / "prep/teacher/winners.parquet").to_pylist()
-    key = lambda r: (r["id"], r["mode"])  # noqa: E731
-    assert [(key(r), r["source"]) for r in sorted(wa, key=key)] == [(key(r), r["source"]) for r in sorted(wb, key=key)]
+    aa, ab = manifest(a, "align"), manifest(b, "align")
+    if aa and ab:
+        assert aa["selection"] == ab["selection"]
 
 
 # --------------------------------------------------------------------------------------------

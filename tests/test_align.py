@@ -15,33 +15,20 @@ from hypothesis import strategies as st
 
 from profuser.align import (
     align_mined, align_response, align_spans, align_text, dtw_path, edit_distance_matrix, same_tokenizer,
-    token_spans, token_surface,
+    surfaces, token_spans, token_surface,
 )
 from profuser.chat import BUILTIN_TEMPLATES, encode_chat, end_of_turn_id, split_response
 from profuser.tiny import build_tokenizer
-from profuser.vocab_map import PAD_ID, aligned_topk, build_vocab_map, load_or_build_vocab_map, map_topk
+from profuser.vocab_map import (
+    PAD_ID, aligned_topk, build_vocab_map, load_or_build_vocab_map, load_pair_tables, map_topk, pair_tables,
+)
 
-FAMILIES = ("chatml_bpe", "vicuna_spm", "gemma_unigram")
+from text_strategies import FAMILIES, texts
+
 TEMPLATES = {"chatml_bpe": "chatml", "vicuna_spm": "vicuna", "gemma_unigram": "gemma", "target": "chatml"}
 PROPS = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="session")
-def toks():
-    out = {f: build_tokenizer(f) for f in FAMILIES}
-    out["target"] = build_tokenizer("chatml_bpe")  # a separate, identical instance
-    return out
-
-
-PIECES = [
-    "the", " cat", "café", "naïve", "Ñandú", "e\u0301", "😀", "👩‍💻", "🇫🇷", "中文", "日本語", "한국어",
-    "  ", "   ", "\n", "\n\n", "\t", " \n ", "0", "42", "3.14", "1,000", "ﬁ", "Ａ", "²", "µ", "—", "“q”",
-    "</s>", "<|im_end|>", "<end_of_turn>", "<0x41>", "ĠcafÃ©", "▁x",
-]
-texts = st.lists(
-    st.one_of(st.sampled_from(PIECES), st.text(st.characters(exclude_categories=("Cs",)), max_size=4)),
-    max_size=24,
-).map("".join)
 
 
 def _covered(text: str, starts, ends) -> None:
@@ -93,16 +80,6 @@ def test_transferred_positions_have_same_text_and_prefix(toks, text):
         assert len(set(i.tolist())) == len(i)  # one to one
         if same_tokenizer(toks[a], toks[b]):
             assert r.method == "copy" and (r.tgt_to_src == np.arange(len(spans[b]))).all()
-
-
-@pytest.fixture(scope="session")
-def smollm2_tok(smollm2_path):
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    p = Path(smollm2_path)
-    return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
 
 
 @settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -216,7 +193,7 @@ def test_hand_built_cafe_byte_level_meets_sentencepiece():
 
 def test_vocab_map_round_trips_and_keeps_surfaces(toks):
     for a, b in itertools.product(toks, repeat=2):
-        ab, ba = build_vocab_map(toks[a], toks[b]), build_vocab_map(toks[b], toks[a])
+        ab, ba = build_vocab_map(toks[a], toks[b], "exact"), build_vocab_map(toks[b], toks[a], "exact")
         sa, sb = token_surface(toks[a]), token_surface(toks[b])
         assert len(ab) == len(sa) and ab.max() < len(sb)
         special = set(toks[a].all_special_ids)
@@ -242,7 +219,7 @@ def test_vocab_map_special_pairs_and_soft(toks):
     src, tgt = toks["gemma_unigram"], toks["chatml_bpe"]
     eot_s = end_of_turn_id(src, BUILTIN_TEMPLATES["gemma"])
     eot_t = end_of_turn_id(tgt, BUILTIN_TEMPLATES["chatml"])
-    exact = build_vocab_map(src, tgt, special_pairs={eot_s: eot_t})
+    exact = build_vocab_map(src, tgt, "exact", special_pairs={eot_s: eot_t})
     assert exact[eot_s] == eot_t
     soft = build_vocab_map(src, tgt, mode="soft", special_pairs={eot_s: eot_t})
     mapped = exact >= 0
@@ -251,13 +228,49 @@ def test_vocab_map_special_pairs_and_soft(toks):
     new = np.flatnonzero((soft >= 0) & ~mapped)
     d = [edit_distance_matrix([ss[i]], [st_[soft[i]]])[0, 0] for i in new]
     assert all(di <= 0.5 * len(ss[i]) for di, i in zip(d, new))
-    with pytest.raises(ValueError, match="exact' or 'soft"):
+    with pytest.raises(ValueError, match=r"one of \('prefix', 'exact', 'soft'\), got 'fuzzy'"):
         build_vocab_map(src, tgt, mode="fuzzy")
+
+
+def test_prefix_map_is_the_longest_target_prefix(toks):
+    """prefix mode: a source token without an identical target surface maps to the target token
+    whose surface is the longest prefix of it; the by-byte table does the same for every suffix."""
+    for a, b in itertools.permutations(FAMILIES, 2):
+        src, tgt = toks[a], toks[b]
+        first, by_byte = pair_tables(src, tgt, "prefix")
+        exact = build_vocab_map(src, tgt, "exact")
+        s, t = surfaces(src), surfaces(tgt)
+        regular = {bytes(x) for i, x in enumerate(t.surfaces) if not t.special[i] and x}
+        rng = np.random.default_rng(0)
+        checked = 0
+        for i in rng.choice(len(s.surfaces), size=min(300, len(s.surfaces)), replace=False):
+            u = s.surfaces[i]
+            if s.special[i] or not u:
+                assert all(by_byte[s.offsets[i]:s.offsets[i] + len(u)] == -1)
+                continue
+            for d in range(len(u)):
+                want = max((n for n in range(1, len(u) - d + 1) if u[d:d + n] in regular), default=0)
+                got = by_byte[s.offsets[i] + d]
+                if want == 0:
+                    assert got == -1
+                else:
+                    assert got >= 0 and t.surfaces[got] == u[d:d + want], (a, b, u, d)
+                checked += 1
+            if exact[i] >= 0:
+                assert first[i] == exact[i]  # identical surfaces first
+            elif first[i] >= 0:
+                assert u.startswith(t.surfaces[first[i]]) and len(t.surfaces[first[i]]) < len(u)
+        assert checked > 300
+        assert (first >= 0).sum() > (exact >= 0).sum()
 
 
 def test_vocab_map_cache(toks, tmp_path):
     a, b = toks["vicuna_spm"], toks["chatml_bpe"]
     m1 = load_or_build_vocab_map(a, b, tmp_path)
+    first, by_byte = load_pair_tables(a, b, tmp_path)
+    assert (first == m1).all() and len(list(tmp_path.glob("pair-*.npz"))) == 1
+    f2, b2 = load_pair_tables(a, b, tmp_path)
+    assert (f2 == first).all() and (b2 == by_byte).all()
     files = list(tmp_path.glob("vocab_map-*.npy"))
     assert len(files) == 1
     assert (load_or_build_vocab_map(a, b, tmp_path) == m1).all()

@@ -88,7 +88,7 @@ def test_report_on_a_small_real_run(tiny_suite, tmp_path):
     d["prep"]["generate"]["max_new_tokens"] = 8
     path = write_config(tmp_path / "run.yaml", d)
     cfg = load_config(path)
-    run_prep(cfg, ["normalize", "generate", "score", "teacher"])
+    run_prep(cfg)
     env = {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
            "PATH": __import__("os").environ["PATH"]}
     res = subprocess.run([sys.executable, "-m", "profuser.train", str(path), "--data",

@@ -34,6 +34,7 @@ from profuser.prep.score import default_similarity_model
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("chatml_bpe", "vicuna_spm", "gemma_unigram")
 TEACHER_PREP = ("normalize", "generate", "score", "teacher")  # the stages tested here (align, build follow)
+ALL = (*TEACHER_PREP, "align", "build")
 
 
 def _records(path: Path) -> list[dict]:
@@ -61,8 +62,9 @@ def base_dict(tiny_suite, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def baseline(base_dict) -> Path:
-    """All four stages, single process, W&B offline."""
-    run_prep(parse_config(base_dict), TEACHER_PREP)
+    """All six stages (the teacher choice and the statistics are made by align), single process,
+    W&B offline."""
+    run_prep(parse_config(base_dict))
     return Path(base_dict["run_dir"])
 
 
@@ -85,11 +87,11 @@ def test_outputs_follow_contract_and_counts_add_up(baseline, base_dict):
     assert score["in"] == n and score["out"] + score["rejected"] == n
 
     teach = manifest(baseline, "teacher")
-    wins = teach["winners"]
-    assert sum(wins["training"].values()) == n and sum(wins["inference"].values()) == n
+    won = [r["winner"] for r in part_table(baseline, "score", "scores").to_pylist()]
+    assert len(won) == n and None not in won
     for src in SOURCES:
         assert teach["parts"][f"training/{src}"]["counts"]["in"] == n
-        assert teach["parts"][f"inference/{src}"]["counts"]["in"] == wins["inference"].get(src, 0)
+        assert teach["parts"][f"inference/{src}"]["counts"]["in"] == won.count(src)
     for name in ("manifest.json", "rejects.jsonl"):
         for stage in ("normalize", "generate", "score", "teacher"):
             assert (baseline / "prep" / stage / name).exists()
@@ -107,15 +109,21 @@ def test_outputs_follow_contract_and_counts_add_up(baseline, base_dict):
         assert ids.shape == lps.shape == (r["n_tokens"], k) == (len(r["token_ids"]), k)
         assert (lps <= 0).all() and (np.diff(lps, axis=1) <= 0).all() and (np.exp(lps).sum(1) < 1.0001).all()
         assert np.isfinite(r["ce"]) and r["mode"] == "training"
+        tlp = np.array(r["token_logprobs"], np.float64)
+        assert tlp.shape == (r["n_tokens"],) and (tlp <= 0).all()
+        assert abs(-tlp.mean() - r["ce"]) < 1e-2 * max(1.0, r["ce"])  # float16 storage of the same numbers
+        # the response text without the template's end of turn: fewer tokens, same bytes as the text
+        assert 0 < r["text_tokens"] < r["n_tokens"] and r["text_bytes"] == len(r["response"].encode())
+        assert 0 < r["text_nll"] < r["ce"] * r["n_tokens"]
     inf = load_teacher(baseline, "inference")
     assert len(inf) == n and set(inf["mode"]) == {"inference"}
     gen_rows = {(s, r["id"]): r["response"] for s in SOURCES for r in load_part(baseline, "generate", s)}
     assert all(r["response"] == gen_rows[(r["source"], r["id"])] for r in inf)
-    winners = pq.read_table(baseline / "prep/teacher/winners.parquet").to_pylist()
-    train_ce = {(r["source"], r["id"]): r["ce"] for r in ds}
-    for w in winners:
-        if w["mode"] == "training":  # MinCE
-            assert w["ce"] == min(train_ce[(s, w["id"])] for s in SOURCES)
+    # MinCE (bits per byte of the response text, the default) picks the training teacher in align
+    bpb = {(r["source"], r["id"]): r["text_nll"] / (np.log(2) * r["text_bytes"]) for r in ds}
+    for r in part_table(baseline, "align", "training").to_pylist():
+        assert r["rank"] == 0 and r["teacher_score"] == pytest.approx(min(bpb[(s, r["id"])] for s in SOURCES))
+        assert r["bpb"] == pytest.approx(bpb[(r["source"], r["id"])])
 
 
 def test_teacher_matches_direct_full_vocab(baseline, tiny_models, base_dict):
@@ -140,27 +148,41 @@ def test_teacher_matches_direct_full_vocab(baseline, tiny_models, base_dict):
         target = torch.tensor(enc.input_ids[p:])
         pred = logp[p - 1:-1]
         assert row["token_ids"] == enc.input_ids[p:]
-        assert abs(-pred.gather(1, target[:, None]).mean().item() - row["ce"]) < 1e-4
+        nll = -pred.gather(1, target[:, None]).squeeze(1)
+        assert abs(nll.mean().item() - row["ce"]) < 1e-4
+        np.testing.assert_allclose(np.array(row["token_logprobs"], np.float32), -nll.numpy(), rtol=2e-3, atol=2e-3)
+        # text_nll: the tokens overlapping the response's own characters — not the closing `</s>`, nor a
+        # lone `▁` holding only the space the template writes after "ASSISTANT:"
+        offs = cm.tokenizer(enc.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][p:]
+        c0 = enc.text.index(row["response"], len(enc.text) - len(row["response"]) - len("</s>") - 1)
+        text = torch.tensor([s < c0 + len(row["response"]) and e > c0 for s, e in offs])
+        assert row["token_ids"][-1] == cm.tokenizer.eos_token_id and not text[-1]
+        assert row["text_tokens"] == int(text.sum()) >= len(row["token_ids"]) - 2
+        assert abs(nll[text].sum().item() - row["text_nll"]) < 1e-3
         top = pred.topk(k)
         assert top.indices.tolist() == row["topk_ids"]
         np.testing.assert_allclose(np.array(row["topk_logprobs"], np.float32), top.values.numpy(), rtol=2e-3, atol=2e-3)
 
 
 def test_wandb_offline_run_has_distributions_and_win_rates(baseline):
-    hist = wandb_history(baseline)
+    hist = wandb_history(baseline, run_name=f"{baseline.name}-prep")
     for src in SOURCES:
         assert hist[f"prep/ce/training/{src}/_type"] == "histogram"
         assert sum(hist[f"prep/ce/training/{src}/values"]) == 24
         assert hist[f"prep/score/token_f1/{src}/_type"] == "histogram"
-    table = wandb_table(baseline, "prep/win_rate")
-    assert table["columns"] == ["mode", "source", "wins", "share"]
+        assert hist[f"prep/bpb/training/{src}/_type"] == "histogram"
+    table = wandb_table(baseline, "prep/win_rate", run_name=f"{baseline.name}-prep")
+    assert table["columns"] == ["mode", "source", "teaches", "share", "first_choice", "first_choice_share"]
     for mode in ("training", "inference"):
         rows = [r for r in table["data"] if r[0] == mode]
         assert sorted(r[1] for r in rows) == sorted(SOURCES)
         assert sum(r[2] for r in rows) == 24 and abs(sum(r[3] for r in rows) - 1) < 1e-9
+        assert sum(r[4] for r in rows) == 24
     stats = json.loads((baseline / "prep" / "stats.json").read_text())
-    assert stats["ce"]["training"]["gemma_unigram"]["n"] == 24
-    assert stats["win_rate"] == {m: {r[1]: {"wins": r[2], "share": r[3]} for r in table["data"] if r[0] == m}
+    assert stats["ce"]["training"]["gemma_unigram"]["n"] == 24 and stats["bpb"]["training"]["gemma_unigram"]["n"] == 24
+    assert stats["mince"] == "byte"
+    assert stats["win_rate"] == {m: {r[1]: {"wins": r[2], "share": r[3], "first_choice": r[4],
+                                            "first_choice_share": r[5]} for r in table["data"] if r[0] == m}
                                  for m in ("training", "inference")}
 
 
@@ -180,10 +202,11 @@ def test_rerun_skips_and_a_config_change_invalidates_downstream(baseline, base_d
     ran = run_prep(parse_config(d, ["prep.generate.max_new_tokens=4"]), TEACHER_PREP)
     out = capfd.readouterr().out
     assert ran == {"normalize": False, "generate": True, "score": True, "teacher": True}
-    for part in [*(f"generate/{s}" for s in SOURCES), "score/scores", *(f"teacher/inference/{s}" for s in SOURCES)]:
+    for part in [*(f"generate/{s}" for s in SOURCES), "score/scores", *(f"teacher/inference/{s}" for s in SOURCES),
+                 "align/inference", "build/"]:
         assert f"{part}: INVALIDATED" in out, part
     assert "generate.max_new_tokens: 16 -> 4" in out and "upstream generate/chatml_bpe changed" in out
-    assert not [line for line in out.splitlines() if "INVALIDATED" in line and "/training/" in line]  # MinCE rows
+    assert not [line for line in out.splitlines() if "INVALIDATED" in line and "training" in line]  # MinCE rows
     assert _mtimes(run / "prep/teacher", "training/*/shard-*") == teacher_train
     assert _mtimes(run / "prep/normalize", "records/shard-*") == norm
     assert all(r["n_tokens"] <= 4 for r in part_table(run, "generate", "vicuna_spm").to_pylist())
@@ -192,7 +215,9 @@ def test_rerun_skips_and_a_config_change_invalidates_downstream(baseline, base_d
     generated = _mtimes(run / "prep/generate", "*/shard-*")
     run_prep(parse_config(d, ["prep.generate.max_new_tokens=4", "prep.topk=3"]), TEACHER_PREP)
     out = capfd.readouterr().out
-    assert out.count("INVALIDATED") == 6 and "topk: 5 -> 3" in out  # the teacher parts only
+    invalidated = [line.split(": INVALIDATED")[0].split("] ")[-1] for line in out.splitlines() if "INVALIDATED" in line]
+    assert sorted(invalidated) == sorted(["align/training", *(f"teacher/{m}/{s}" for m in ("training", "inference")
+                                                               for s in SOURCES)]) and "topk: 5 -> 3" in out
     assert _mtimes(run / "prep/generate", "*/shard-*") == generated
     assert len(part_table(run, "teacher", "training/gemma_unigram").to_pylist()[0]["topk_ids"][0]) == 3
 
@@ -277,10 +302,11 @@ def test_known_best_source_wins_both_modes_under_three_scorer_kinds(tiny_suite, 
     ]
     d["prep"]["generate"] = {"max_new_tokens": 20}
     d["wandb"] = {"enabled": False}
-    run_prep(parse_config(d), TEACHER_PREP)
+    run_prep(parse_config(d))
     run = Path(d["run_dir"])
-    wins = manifest(run, "teacher")["winners"]
-    assert wins == {"training": {"tuned": 24}, "inference": {"tuned": 24}}
+    sel = manifest(run, "align")["selection"]
+    for m in ("training", "inference"):
+        assert sel[m]["tuned"] == {"first": 24, "taught": 24}, (m, sel)
     scores = part_table(run, "score", "scores").to_pylist()
     for r in scores:
         assert r["winner"] == "tuned" and r["sources"] == ["vicuna_spm", "gemma_unigram", "tuned"]
@@ -338,7 +364,7 @@ def test_bad_inputs_land_in_rejects_and_counts_add_up(tiny_suite, tiny_models, t
     d["scorers"] = [{"name": "f1", "type": "rule", "function": "profuser.rules:token_f1"},
                     {"name": "buggy", "type": "rule", "function": "prep_fixtures:raise_on_capital"}]
     d["wandb"] = {"enabled": False}
-    run_prep(parse_config(d), TEACHER_PREP)
+    run_prep(parse_config(d))
     run = Path(d["run_dir"])
 
     norm = manifest(run, "normalize")["counts"]
@@ -371,10 +397,11 @@ def test_bad_inputs_land_in_rejects_and_counts_add_up(tiny_suite, tiny_models, t
     assert {r["id"] for r in nan_rj} == poisoned_ids and all("CE is nan" in r["reason"] for r in nan_rj)
     for part, v in teach["parts"].items():
         assert v["counts"]["out"] + v["counts"]["rejected"] == v["counts"]["in"], part
-    winners = pq.read_table(run / "prep/teacher/winners.parquet").to_pylist()
-    assert len([w for w in winners if w["mode"] == "training"]) == 6  # NaN rows never win MinCE
-    assert all(np.isfinite(w["ce"]) for w in winners)
-    assert "mute" not in {w["source"] for w in winners if w["mode"] == "inference"}
+    taught = part_table(run, "align", "training").to_pylist()
+    assert len(taught) == 6  # every sample has a training teacher; NaN rows never take part in MinCE
+    assert all(np.isfinite(r["teacher_score"]) for r in taught)
+    assert not {r["id"] for r in taught if r["source"] == "poisoned"} & poisoned_ids
+    assert "mute" not in {r["source"] for r in part_table(run, "align", "inference").to_pylist()}
 
 
 def test_generated_response_over_max_length_is_rejected_by_teacher(tiny_suite, tiny_models, tmp_path):

@@ -110,7 +110,9 @@ def _fake_rows(n_rows: int, k: int, seed: int = 0) -> list[dict]:
         r = int(rng.integers(1, 30))
         lp = -np.sort(rng.exponential(3, size=(r, k)), axis=1).astype(np.float16)
         rows.append({"id": f"r{j}", "mode": "training", "source": "s", "response": "x" * r, "ce": float(rng.random()),
+                     "text_nll": float(rng.random() * r), "text_bytes": r, "text_tokens": max(r - 1, 1),
                      "token_ids": rng.integers(0, 50000, r).tolist(),
+                     "token_logprobs": -rng.exponential(2, r).astype(np.float16),
                      "topk_ids": rng.integers(0, 50000, (r, k)).astype(np.int32), "topk_logprobs": lp})
     return rows
 
@@ -130,6 +132,9 @@ def test_teacher_table_round_trips_through_parquet_and_datasets(tmp_path):
         assert np.array_equal(np.array(back["topk_ids"]), r["topk_ids"])
         assert np.array_equal(np.array(back["topk_logprobs"], np.float16), r["topk_logprobs"])
         assert back["token_ids"] == r["token_ids"] and back["n_tokens"] == len(r["token_ids"])
+        assert np.array_equal(np.array(back["token_logprobs"], np.float16), r["token_logprobs"])
+        assert (back["text_nll"], back["text_bytes"], back["text_tokens"]) == (r["text_nll"], r["text_bytes"],
+                                                                              r["text_tokens"])
 
 
 def test_commit_is_atomic_and_the_sidecar_marks_done(tmp_path):

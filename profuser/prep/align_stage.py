@@ -1,35 +1,40 @@
-"""Stage 5, align: each mode's teacher distributions re-expressed on the target's tokens and vocabulary.
+"""Stage 5, align: each mode's teacher chosen and its distributions re-expressed on the target's tokens.
 
-Parts mirror the teacher stage: `training/<source>` and `inference/<source>` hold the samples that
-source teaches in that mode (teacher/winners.parquet: MinCE for training, the score winner for
-inference). For each such sample:
+Two parts, `training` and `inference`, one row per sample and mode:
 
+- training: every source was teacher-forced on the ground truth (teacher/training/<source>); the
+  sources are ranked by MinCE (profuser.selection: bits per byte of the response text by default,
+  `prep.mince`), and the best one whose row can be used teaches. When a row cannot be used
+  (unalignable text, re-tokenization mismatch, no position transferred, ...) the next source in the
+  ranking teaches instead, and a reject line records why (kind = the failure, "falling back to X").
+- inference: the score stage's winner teaches on its own response (teacher/inference/<winner>).
+  Only the winner's distributions on that response exist, so there is no fallback: a sample whose
+  row cannot be used has no inference mode (reject line), and keeps its training mode.
+
+For each (sample, teacher):
 1. the conversation is encoded with the target's tokenizer and chat template (`encode_chat`, the
-   target's max_length and data.overlength: a prompt may be truncated differently than on the
-   source side, which does not matter because alignment is over the response only);
-2. the source side is re-rendered exactly as the teacher stage rendered it, and its response tokens
-   must equal the stored `token_ids` (else the row is rejected: the distributions would be for other
-   tokens);
-3. response tokens are aligned (`profuser.align.align_response`: exact byte spans, end-of-turn tokens
-   paired; identical tokenizers and renderings take the copy fast path);
-4. each aligned position's top-k is mapped to target ids (`profuser.vocab_map`: table cached in
-   RUN_DIR/prep/vocab_maps, `prep.vocab_mapping` exact|soft, source end-of-turn -> target end-of-turn).
-   On the copy path with the same end-of-turn token, rows are copied unchanged.
+   target's max_length and data.overlength; alignment is over the response only);
+2. the source side is re-rendered as the teacher stage rendered it, and its response tokens must
+   equal the stored `token_ids` (else the distributions would be for other tokens);
+3. every target response position gets a distribution by profuser.transfer's rule (byte spans;
+   chain rule over source tokens a target token covers, conditioning when it starts inside one;
+   vocabulary tables cached in RUN_DIR/prep/vocab_maps, `prep.vocab_mapping`); identical
+   tokenizers with identical renderings copy the rows unchanged.
 
-Rows (one per sample and mode) cover the WHOLE target sequence and are label-aligned (row t is the
-teacher's distribution over input_ids[t], docs/ARCHITECTURE.md, "Stage contracts"):
-  id, mode, source (the teacher), teacher_score (training: the teacher's mean token CE on the
-  reference, nats, lower is better; inference: the winner's scorer votes, higher is better), ce,
-  votes and mean_z (inference; null for training), method ("copy" | "spans"),
-  input_ids [T], labels [T] (-100 on the prompt), topk_ids [T, k] int32 (-1 on prompt rows, on
-  response rows without a transferred distribution and as padding after dropped entries),
-  topk_logprobs [T, k] float16 (the teacher's full-vocabulary log-probs, -inf where the id is -1),
-  n_response (target response positions), n_aligned (positions whose span matched a source token),
-  n_transferred (aligned positions with at least one entry left after the vocabulary mapping),
-  kept_mass (mean over aligned positions of the top-k probability mass kept by the mapping).
+Rows (docs/ARCHITECTURE.md, "Stage contracts") cover the WHOLE target sequence, label-aligned:
+  id, mode, source (the teacher), rank (its place in the ranking: 0 = first choice),
+  teacher_score (training: the MinCE value, bits per byte or nats per token; inference: the
+  winner's scorer votes), ce (the teacher's nats per own token on this response), bpb (its bits per
+  byte of the response text), votes and mean_z (inference; null for training), method ("copy" |
+  "project" | "mined"), input_ids [T], labels [T] (-100 on the prompt), topk_ids [T, k] int32 (-1
+  on prompt rows, uncovered positions and padding), topk_logprobs [T, k] float16 (-inf where the
+  id is -1; the teacher's probabilities, not renormalized), n_response, n_aligned (positions whose
+  span equals one source token's: the 1:1 rule), n_transferred (positions with a distribution),
+  kept_mass (mean over those of the share of the head row's stored mass carried), mass (mean
+  probability mass of the stored entries there).
 
-The manifest's `pairs` holds the statistics per source -> target pair and mode (transferred share
-of target response positions, kept top-k mass over aligned positions); they also go to W&B.
+The manifest's `pairs` holds the statistics per source -> target pair and mode, `selection` the
+first-choice and actual teacher counts; both also go to W&B, and prep/stats.json is written here.
 """
 from __future__ import annotations
 
@@ -43,17 +48,19 @@ import pyarrow.compute as pc
 
 from profuser.prep.stages import Context, Progress, Stage, model_deps, read_records, sidecar_info, up
 
-ALIGN_VERSION = 1  # bump when the alignment rules change (invalidates align and build)
+ALIGN_VERSION = 2  # bump when the alignment rules change (invalidates align and build)
 MODES = ("training", "inference")
 SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("mode", pa.string()),
     pa.field("source", pa.string()),  # the teacher
-    pa.field("teacher_score", pa.float64()),  # training: CE (nats); inference: votes
-    pa.field("ce", pa.float64()),  # the teacher's mean token CE on this mode's response
+    pa.field("rank", pa.int32()),  # the teacher's place in the ranking (0 = first choice)
+    pa.field("teacher_score", pa.float64()),  # training: MinCE value; inference: votes
+    pa.field("ce", pa.float64()),  # the teacher's nats per own token on this mode's response
+    pa.field("bpb", pa.float64()),  # the teacher's bits per byte of the response text
     pa.field("votes", pa.float64()),  # inference only
     pa.field("mean_z", pa.float64()),  # inference only
-    pa.field("method", pa.string()),  # "copy" | "spans"
+    pa.field("method", pa.string()),  # "copy" | "project" | "mined"
     pa.field("input_ids", pa.list_(pa.int32())),  # [T] target tokens, prompt + response
     pa.field("labels", pa.list_(pa.int32())),  # [T] -100 on the prompt
     pa.field("topk_ids", pa.list_(pa.list_(pa.int32()))),  # [T, k] target ids, -1 = none
@@ -61,10 +68,11 @@ SCHEMA = pa.schema([
     pa.field("n_response", pa.int32()),
     pa.field("n_aligned", pa.int32()),
     pa.field("n_transferred", pa.int32()),
-    pa.field("kept_mass", pa.float64()),  # mean over aligned positions; null when none
+    pa.field("kept_mass", pa.float64()),  # mean over transferred positions; null when none
+    pa.field("mass", pa.float64()),  # mean stored probability mass over transferred positions
 ])
-STAT_KEYS = ("rows", "response_positions", "aligned", "transferred", "kept_mass_sum", "copy_rows",
-             "rows_without_transfer")
+STAT_KEYS = ("rows", "fallback_rows", "response_positions", "text_positions", "text_transferred", "aligned",
+             "transferred", "kept_mass_sum", "mass_sum", "copy_rows")
 
 
 class Reject(Exception):
@@ -116,8 +124,11 @@ class Pair:
     cm: object  # the source's ChatModel (tokenizer + template)
     eot: Optional[int]
     same_tokenizer: bool
-    vocab_map: Optional[np.ndarray]  # None: copy ids unchanged
+    copy: bool  # identical tokenizer and end-of-turn token: rows can be copied unchanged
+    first: Optional[np.ndarray]  # whole-token map (vocab_map.pair_tables); None when copying
+    by_byte: Optional[np.ndarray]  # by-byte prefix table
     mapped_share: float  # share of the source's regular (non-special) tokens with a target counterpart
+    method: str  # "spans" (offsets) | "mined" (no offsets: 1:1 pairs by MinED)
 
 
 @dataclass
@@ -127,34 +138,63 @@ class Target:
     max_length: int
 
 
-def make_pair(ctx: Context, spec, tgt: Target) -> Pair:
+def make_pair(cfg, cache_dir, spec, tgt: Target, cm=None) -> Pair:
+    """The source `spec` (its ChatModel `cm` when already loaded) against the target: end-of-turn
+    tokens, identical-tokenizer check, vocabulary tables (cached in `cache_dir`), alignment method."""
     from profuser.align import same_tokenizer, surfaces
     from profuser.chat import end_of_turn_id
     from profuser.models import load_chat_tokenizer
-    from profuser.vocab_map import load_or_build_vocab_map
+    from profuser.vocab_map import load_pair_tables
 
-    cfg = ctx.cfg
-    cm = load_chat_tokenizer(spec)
+    cm = cm or load_chat_tokenizer(spec)
     eot = end_of_turn_id(cm.tokenizer, cm.template)
     same = same_tokenizer(cm.tokenizer, tgt.cm.tokenizer)
     pairs = {eot: tgt.eot} if eot is not None and tgt.eot is not None else {}
-    if same and eot == tgt.eot:
-        vm, share = None, 1.0
-    else:
-        vm = load_or_build_vocab_map(cm.tokenizer, tgt.cm.tokenizer, ctx.prep_dir / "vocab_maps",
-                                     cfg.prep.vocab_mapping, pairs)
+    first = by_byte = None
+    share = 1.0
+    copy = same and eot == tgt.eot
+    first, by_byte = load_pair_tables(cm.tokenizer, tgt.cm.tokenizer, cache_dir, cfg.prep.vocab_mapping, pairs)
+    if not copy:
         s = surfaces(cm.tokenizer)
         regular = ~s.special & (s.lengths > 0)
-        share = float((vm[regular] >= 0).mean()) if regular.any() else 0.0
-    return Pair(spec.name, cm, eot, same, vm, share)
+        share = float((first[regular] >= 0).mean()) if regular.any() else 0.0
+    return Pair(spec.name, cm, eot, same, copy, first, by_byte, share, alignment_method(cm.tokenizer, tgt.cm.tokenizer))
+
+
+def alignment_method(src_tok, tgt_tok) -> str:
+    """"spans" when both tokenizers give character offsets, else "mined" (FuseLLM's MinED over the
+    tokens' surfaces: 1:1 pairs only)."""
+    from profuser.models import has_offsets
+
+    return "spans" if has_offsets(src_tok) and has_offsets(tgt_tok) else "mined"
+
+
+class Pairs:
+    """The source -> target pairs of one align run, built on first use (tokenizer + cached tables)."""
+
+    def __init__(self, ctx: Context, tgt: Target):
+        self.ctx, self.tgt = ctx, tgt
+        self.specs = {m.name: m for m in ctx.cfg.sources}
+        self.built: dict[str, Pair] = {}
+
+    def __getitem__(self, name: str) -> Pair:
+        if name not in self.built:
+            self.built[name] = make_pair(self.ctx.cfg, self.ctx.prep_dir / "vocab_maps", self.specs[name], self.tgt)
+        return self.built[name]
+
+    def info(self) -> dict:
+        return {n: {"same_tokenizer": p.same_tokenizer, "copy_ids": p.copy, "mapped_share": p.mapped_share,
+                    "method": p.method} for n, p in self.built.items()}
 
 
 def align_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict], response: str,
-                 token_ids: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray) -> dict:
+                 token_ids: np.ndarray, token_logprobs: np.ndarray, topk_ids: np.ndarray,
+                 topk_logprobs: np.ndarray) -> dict:
     """One teacher row on the target's tokens: input_ids, labels, full-length [T, k] top-k and the
     row's statistics. Raises Reject(kind, reason) when it cannot be used."""
-    from profuser.align import align_response
+    from profuser.align import end_of_turn_index, response_tokens, surfaces
     from profuser.chat import OverLength, encode_chat, split_response
+    from profuser.transfer import project
 
     src_tok, tgt_tok = pair.cm.tokenizer, tgt.cm.tokenizer
     tname = tgt.cm.spec.name
@@ -169,69 +209,130 @@ def align_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict],
         raise Reject("over_length", f"target {tname}: {e} (data.overlength={overlength})") from e
     except Exception as e:  # noqa: BLE001
         raise Reject("template_error", f"target {tname}: {type(e).__name__}: {e}") from e
+    if pair.method == "mined":
+        again = encode_chat(src_tok, pair.cm.template, messages, response).input_ids
+        src_resp = again[len(again) - len(token_ids):] if len(again) >= len(token_ids) else again
+        if list(src_resp) != list(np.asarray(token_ids).tolist()):
+            raise Reject("retokenization_mismatch", f"{pair.name}: re-tokenizing the response does not give the "
+                                                    f"{len(token_ids)} tokens the teacher stored")
+        return _align_mined(pair, tgt, enc, token_ids, token_logprobs, topk_ids, topk_logprobs)
     try:
-        al = align_response(src_tok, s_prompt + s_resp, len(s_prompt), tgt_tok, t_prompt + t_resp, len(t_prompt),
-                            response, pair.eot, tgt.eot)
+        src = response_tokens(src_tok, s_prompt + s_resp, len(s_prompt), response)
     except ValueError as e:
-        raise Reject("unalignable", f"{pair.name} -> {tname}: {e}") from e
-    if not np.array_equal(al.src_ids, token_ids):
-        n = min(len(al.src_ids), len(token_ids))
-        at = next((j for j in range(n) if al.src_ids[j] != token_ids[j]), n)
+        raise Reject("unalignable", f"{pair.name}: {e}") from e
+    try:
+        tgt_rt = response_tokens(tgt_tok, t_prompt + t_resp, len(t_prompt), response)
+    except ValueError as e:
+        raise Reject("unalignable", f"target {tname}: {e}") from e
+    if not np.array_equal(src.ids, token_ids):
+        n = min(len(src.ids), len(token_ids))
+        at = next((j for j in range(n) if src.ids[j] != token_ids[j]), n)
         raise Reject("retokenization_mismatch",
-                     f"{pair.name}: re-tokenizing the response gives {len(al.src_ids)} tokens, the teacher stored "
+                     f"{pair.name}: re-tokenizing the response gives {len(src.ids)} tokens, the teacher stored "
                      f"{len(token_ids)} (first difference at response token {at}); its distributions are for "
                      "other tokens")
     resp_ids = np.asarray(enc.input_ids[enc.prompt_len:], dtype=np.int64)
-    if not np.array_equal(al.tgt_ids, resp_ids):
+    if not np.array_equal(tgt_rt.ids, resp_ids):
         raise Reject("target_mismatch", f"target {tname}: the aligned response tokens differ from encode_chat's "
-                                        f"({len(al.tgt_ids)} vs {len(resp_ids)})")
-    if al.method == "copy" and pair.vocab_map is None:  # same tokens, same ids: rows copied as they are
-        ids = np.asarray(topk_ids, dtype=np.int64)[al.tgt_to_src]
-        lps = np.asarray(topk_logprobs, dtype=np.float32)[al.tgt_to_src]
-        lps = np.where(ids >= 0, lps, -np.inf)
-        kept = (ids >= 0).any(axis=1).astype(np.float64)
+                                        f"({len(tgt_rt.ids)} vs {len(resp_ids)})")
+    k = topk_ids.shape[1]
+    m = len(resp_ids)
+    n_resp = len(response.encode("utf-8", "surrogatepass"))
+    eot = (end_of_turn_index(src, pair.eot, n_resp), end_of_turn_index(tgt_rt, tgt.eot, n_resp))
+    # positions holding response text or the end of turn (the template's other tokens have no source)
+    in_text = (tgt_rt.starts >= 0) & (tgt_rt.ends <= n_resp) & (tgt_rt.ends > tgt_rt.starts)
+    if eot[1] is not None:
+        in_text[eot[1]] = True
+    if pair.copy and s_resp == t_resp and np.array_equal(src.ids, tgt_rt.ids):
+        ids = np.asarray(topk_ids, dtype=np.int64)
+        lps = np.where(ids >= 0, np.asarray(topk_logprobs, dtype=np.float32), -np.inf)
+        covered = (ids >= 0).any(axis=1)
+        kept = covered.astype(np.float64)
+        one = np.ones(m, dtype=bool)
+        method = "copy"
     else:
-        from profuser.vocab_map import aligned_topk
+        tr = project(src, tgt_rt, n_resp, surfaces(src_tok), pair.first, pair.by_byte, topk_ids, topk_logprobs,
+                     token_logprobs, k, eot)
+        ids, lps, kept, one = tr.ids, tr.logprobs, tr.kept, tr.one_to_one
+        covered = (ids >= 0).any(axis=1)
+        method = "project"
+    return _full_row(enc, ids, lps, covered, in_text, kept, one, method, k)
 
-        ids, lps, kept = aligned_topk(al.tgt_to_src, topk_ids, topk_logprobs, pair.vocab_map)
-    T, P, k = len(enc.input_ids), enc.prompt_len, topk_ids.shape[1]
+
+def _full_row(enc, ids, lps, covered, in_text, kept, one, method: str, k: int) -> dict:
+    """The row of align_sample: [T, k] arrays over the whole sequence (prompt rows empty) + statistics."""
+    T, P = len(enc.input_ids), enc.prompt_len
     full_ids = np.full((T, k), -1, dtype=np.int32)
     full_lps = np.full((T, k), -np.inf, dtype=np.float16)
     full_ids[P:] = ids
     full_lps[P:] = lps.astype(np.float16)
-    aligned = al.tgt_to_src >= 0
-    n_aligned = int(aligned.sum())
-    return {"method": al.method, "input_ids": np.asarray(enc.input_ids, dtype=np.int32),
+    n_tr = int(covered.sum())
+    mass = np.exp(np.where(ids >= 0, lps, -np.inf).astype(np.float64)).sum(axis=1)
+    return {"method": method, "input_ids": np.asarray(enc.input_ids, dtype=np.int32),
             "labels": np.asarray(enc.labels, dtype=np.int32), "topk_ids": full_ids, "topk_logprobs": full_lps,
-            "n_response": T - P, "n_aligned": n_aligned, "n_transferred": int((ids[:, 0] >= 0).sum()),
-            "kept_mass": float(kept[aligned].mean()) if n_aligned else None,
-            "kept_mass_sum": float(kept[aligned].sum()), "tgt_to_src": al.tgt_to_src}
+            "n_response": T - P, "n_text": int(in_text.sum()), "n_text_transferred": int((covered & in_text).sum()),
+            "n_aligned": int(one.sum()), "n_transferred": n_tr,
+            "kept_mass": float(kept[covered].mean()) if n_tr else None,
+            "mass": float(mass[covered].mean()) if n_tr else None,
+            "kept_mass_sum": float(kept[covered].sum()), "mass_sum": float(mass[covered].sum())}
+
+
+def _align_mined(pair: Pair, tgt: Target, enc, token_ids, token_logprobs, topk_ids, topk_logprobs) -> dict:
+    """A tokenizer without offsets: MinED (DTW over the response tokens' surfaces) pairs tokens one
+    to one; paired positions take the source row (the 1:1 rule), the end-of-turn tokens are paired."""
+    from profuser.align import ResponseTokens, align_mined, surfaces
+    from profuser.transfer import project
+
+    src_ids = np.asarray(token_ids, dtype=np.int64)
+    tgt_ids = np.asarray(enc.input_ids[enc.prompt_len:], dtype=np.int64)
+    ss, ts = surfaces(pair.cm.tokenizer), surfaces(tgt.cm.tokenizer)
+    surf = lambda t, i: t.surfaces[i] if 0 <= i < len(t.surfaces) else b""  # noqa: E731
+    pairs = align_mined([surf(ss, i) for i in src_ids], [surf(ts, i) for i in tgt_ids])
+    last = lambda ids, e: (int(np.flatnonzero(ids == e)[-1]) if e is not None and (ids == e).any() else None)  # noqa: E731
+    eot = (last(src_ids, pair.eot), last(tgt_ids, tgt.eot))
+    if None not in eot:
+        pairs[eot[1]] = eot[0]
+    dummy = lambda ids: ResponseTokens(ids, np.zeros(len(ids), np.int64), np.zeros(len(ids), np.int64),  # noqa: E731
+                                       np.ones(len(ids), bool), np.zeros(0, np.uint8), 0)
+    k = topk_ids.shape[1]
+    tr = project(dummy(src_ids), dummy(tgt_ids), 0, ss, pair.first, pair.by_byte, topk_ids, topk_logprobs,
+                 token_logprobs, k, eot, pairs=pairs)
+    covered = (tr.ids >= 0).any(axis=1)
+    return _full_row(enc, tr.ids, tr.logprobs, covered, np.ones(len(tgt_ids), bool), tr.kept, tr.one_to_one,
+                     "mined", k)
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
     col = lambda key, t: pa.array([r[key] for r in rows], t)  # noqa: E731
     return pa.Table.from_arrays([
-        col("id", pa.string()), col("mode", pa.string()), col("source", pa.string()),
-        col("teacher_score", pa.float64()), col("ce", pa.float64()), col("votes", pa.float64()),
-        col("mean_z", pa.float64()), col("method", pa.string()),
+        col("id", pa.string()), col("mode", pa.string()), col("source", pa.string()), col("rank", pa.int32()),
+        col("teacher_score", pa.float64()), col("ce", pa.float64()), col("bpb", pa.float64()),
+        col("votes", pa.float64()), col("mean_z", pa.float64()), col("method", pa.string()),
         nested([r["input_ids"] for r in rows], pa.int32()), nested([r["labels"] for r in rows], pa.int32()),
         nested([r["topk_ids"] for r in rows], pa.int32()), nested([r["topk_logprobs"] for r in rows], pa.float16()),
         col("n_response", pa.int32()), col("n_aligned", pa.int32()), col("n_transferred", pa.int32()),
-        col("kept_mass", pa.float64()),
+        col("kept_mass", pa.float64()), col("mass", pa.float64()),
     ], schema=SCHEMA)
 
 
-def read_winners(teacher_dir) -> dict:
-    """(mode, id) -> the winners.parquet row (source, ce, votes, mean_z)."""
-    import pyarrow.parquet as pq
+class TeacherRows:
+    """One teacher part's shard, read once, with per-row access to its nested columns."""
 
-    path = teacher_dir.root / "winners.parquet"
-    if not path.exists():
-        from profuser.prep.stages import PrepError
+    def __init__(self, table: pa.Table, k: int):
+        self.table, self.k = table, k
+        self.at = {rid: j for j, rid in enumerate(table["id"].to_pylist())}
+        self._cols: dict = {}
 
-        raise PrepError(f"{path} is missing; the teacher stage writes it when it completes (rerun `profuser prep "
-                        "CONFIG --stage teacher`)")
-    return {(w["mode"], w["id"]): w for w in pq.read_table(path).to_pylist()}
+    def column(self, name: str) -> list:
+        if name not in self._cols:
+            c = self.table[name]
+            self._cols[name] = (unnest(c, self.k) if name.startswith("topk") else
+                                unnest(c) if name.startswith("token_") else c.to_pylist())
+        return self._cols[name]
+
+    def row(self, j: int) -> dict:
+        return {name: self.column(name)[j] for name in ("response", "ce", "text_nll", "text_bytes", "token_ids",
+                                                         "token_logprobs", "topk_ids", "topk_logprobs")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,148 +341,219 @@ def read_winners(teacher_dir) -> dict:
 
 class AlignStage(Stage):
     name = "align"
-    needs = ("normalize", "teacher")
+    needs = ("normalize", "score", "teacher")
 
     def parts(self, cfg, plan):
         from profuser.vocab_map import MAP_VERSION
 
         t = cfg.target
         common = {"target": {**model_deps(t), "max_length": t.max_length or cfg.data.max_length},
-                  "overlength": cfg.data.overlength, "vocab_mapping": cfg.prep.vocab_mapping, "method": "spans",
+                  "overlength": cfg.data.overlength, "vocab_mapping": cfg.prep.vocab_mapping,
                   "version": [ALIGN_VERSION, MAP_VERSION]}
-        # MinCE compares every source's training CE, so each training part reads all training parts
-        train_up = {k: v for k, v in up(plan, "teacher").items() if k.startswith("teacher/training/")}
-        out = {}
-        for m in cfg.sources:
-            out[f"training/{m.name}"] = {"upstream": {**up(plan, "normalize"), **train_up}, **common}
-            out[f"inference/{m.name}"] = {"upstream": {**up(plan, "normalize"),
-                                                       **up(plan, "teacher", f"inference/{m.name}")}, **common}
-        return out
-
-    def group(self, part: str) -> str:
-        return part.split("/", 1)[1]  # both modes of a source on one rank: one tokenizer pair
+        teacher = lambda mode: {k: v for k, v in up(plan, "teacher").items()  # noqa: E731
+                                if k.startswith(f"teacher/{mode}/")}
+        return {
+            # MinCE compares every source's training row; the order of the sources breaks ties
+            "training": {"upstream": {**up(plan, "normalize"), **teacher("training")}, "mince": cfg.prep.mince,
+                         "sources": [m.name for m in cfg.sources], **common},
+            "inference": {"upstream": {**up(plan, "normalize"), **up(plan, "score"), **teacher("inference")},
+                          **common},
+        }
 
     def run(self, ctx: Context, todo: dict[str, list[int]]) -> None:
         from profuser.chat import end_of_turn_id
         from profuser.models import load_chat_tokenizer
 
-        cfg, sd, tsd = ctx.cfg, ctx.stage_dir(self.name), ctx.stage_dir("teacher")
+        cfg, sd = ctx.cfg, ctx.stage_dir(self.name)
         if not todo:
             return
         tcm = load_chat_tokenizer(cfg.target)
         tgt = Target(tcm, end_of_turn_id(tcm.tokenizer, tcm.template), cfg.target.max_length or cfg.data.max_length)
-        winners = read_winners(tsd)
+        pairs = Pairs(ctx, tgt)
+        for m in cfg.sources:  # every pair up front: tables are cached, and each shard records them all
+            pairs[m.name]
         norm = ctx.stage_dir("normalize")
-        for spec in cfg.sources:
-            jobs = [(m, i) for m in MODES for i in todo.get(f"{m}/{spec.name}", [])]
-            if not jobs:
-                continue
-            pair = make_pair(ctx, spec, tgt)
-            shard_ids = {i: norm.read("records", i, ["id"]).column("id").to_pylist() for _, i in jobs}
-            total = sum(sum(winners.get((m, rid), {}).get("source") == spec.name for rid in shard_ids[i])
-                        for m, i in jobs)
-            bar = Progress(ctx, total, f"align {spec.name} -> {cfg.target.name}")
-            records: dict[int, list[dict]] = {}
-            for m, i in sorted(jobs, key=lambda j: (j[1], MODES.index(j[0]))):
-                if i not in records:
-                    records = {i: read_records(ctx, i)}  # keep one shard's records at a time
-                self._shard(ctx, sd, tsd, pair, tgt, winners, m, i, records[i], bar)
-            bar.close()
+        jobs = [(m, i) for m in MODES for i in todo.get(m, [])]
+        bar = Progress(ctx, sum(norm.num_rows("records", i) for _, i in jobs), f"align -> {cfg.target.name}")
+        for mode, i in sorted(jobs, key=lambda j: (j[1], MODES.index(j[0]))):
+            self._shard(ctx, sd, pairs, tgt, mode, i, read_records(ctx, i), bar)
+        bar.close()
 
-    def _shard(self, ctx, sd, tsd, pair: Pair, tgt: Target, winners: dict, mode: str, i: int, records: list[dict],
+    def _candidates(self, ctx: Context, mode: str, i: int, records: list[dict]):
+        """Per record id: the ranked (source, TeacherRows, row index, info) candidates of this mode."""
+        from profuser.selection import bits_per_byte, mince_value, rank_sources
+
+        cfg, tsd, k = ctx.cfg, ctx.stage_dir("teacher"), ctx.cfg.prep.topk
+        out: dict[str, list] = {}
+        if mode == "training":
+            parts = {m.name: TeacherRows(tsd.read(f"training/{m.name}", i), k) for m in cfg.sources}
+            for rec in records:
+                values, info = {}, {}
+                for src, rows in parts.items():
+                    j = rows.at.get(rec["id"])
+                    if j is None:
+                        continue
+                    ce, nll, nb = (rows.column(c)[j] for c in ("ce", "text_nll", "text_bytes"))
+                    values[src] = mince_value(ce, nll, nb, cfg.prep.mince)
+                    info[src] = {"teacher_score": values[src], "ce": ce, "bpb": bits_per_byte(nll, nb),
+                                 "votes": None, "mean_z": None}
+                out[rec["id"]] = [(s, parts[s], parts[s].at[rec["id"]], info[s]) for s in rank_sources(values)]
+            return out
+        scores = {r["id"]: r for r in ctx.stage_dir("score").read("scores", i).to_pylist()}
+        parts: dict[str, TeacherRows] = {}
+        for rec in records:
+            sc = scores.get(rec["id"])
+            if not sc or sc["winner"] is None:
+                continue
+            src = sc["winner"]
+            if src not in parts:
+                parts[src] = TeacherRows(tsd.read(f"inference/{src}", i), k)
+            j = parts[src].at.get(rec["id"])
+            if j is None:
+                out[rec["id"]] = []  # the teacher stage could not use it (see its rejects)
+                continue
+            c = sc["sources"].index(src)
+            row = parts[src]
+            out[rec["id"]] = [(src, row, j, {"teacher_score": sc["votes"][c], "ce": row.column("ce")[j],
+                                             "bpb": bits_per_byte(row.column("text_nll")[j], row.column("text_bytes")[j]),
+                                             "votes": sc["votes"][c], "mean_z": sc["mean_z"][c]})]
+        return out
+
+    def _shard(self, ctx, sd, pairs: "Pairs", tgt: Target, mode: str, i: int, records: list[dict],
                bar: Progress) -> None:
         t0 = time.time()
-        part = f"{mode}/{pair.name}"
-        mine = [r for r in records if winners.get((mode, r["id"]), {}).get("source") == pair.name]
-        table = tsd.read(part, i)
-        table = table.filter(pc.is_in(table["id"], value_set=pa.array([r["id"] for r in mine], pa.string())))
-        at = {rid: j for j, rid in enumerate(table["id"].to_pylist())}
-        k = ctx.cfg.prep.topk
-        tok_ids, top_ids = unnest(table["token_ids"]), unnest(table["topk_ids"], k)
-        top_lps = unnest(table["topk_logprobs"], k)
-        responses = table["response"].to_pylist()
+        cands = self._candidates(ctx, mode, i, records)
         rows, rejects = [], []
-        stats = dict.fromkeys(STAT_KEYS, 0)
-        stats["kept_mass_sum"] = 0.0
-        for rec in mine:
-            w = winners[(mode, rec["id"])]
-            j = at.get(rec["id"])
-            try:
-                if j is None:
-                    raise Reject("missing_teacher_row", f"winners.parquet names {pair.name} as the {mode} teacher but "
-                                                        f"teacher/{part} has no row for this id")
-                out = align_sample(pair, tgt, ctx.cfg.data.overlength, rec["messages"], responses[j],
-                                   tok_ids[j].astype(np.int64), top_ids[j], top_lps[j])
-            except Reject as e:
-                rejects.append({"id": rec["id"], "mode": mode, "source": pair.name, "kind": e.kind, "reason": e.reason})
+        stats = {m.name: dict.fromkeys(STAT_KEYS, 0) for m in ctx.cfg.sources}
+        choice = {m.name: {"first": 0, "taught": 0} for m in ctx.cfg.sources}
+        n_in = 0
+        for rec in records:
+            if rec["id"] not in cands:
+                bar.update(1, 0)
                 continue
-            score = w["ce"] if mode == "training" else w["votes"]
-            rows.append({"id": rec["id"], "mode": mode, "source": pair.name, "teacher_score": score, "ce": w["ce"],
-                         "votes": w["votes"], "mean_z": w["mean_z"], **out})
-            stats["rows"] += 1
-            stats["response_positions"] += out["n_response"]
-            stats["aligned"] += out["n_aligned"]
-            stats["transferred"] += out["n_transferred"]
-            stats["kept_mass_sum"] += out["kept_mass_sum"]
-            stats["copy_rows"] += out["method"] == "copy"
-            stats["rows_without_transfer"] += out["n_transferred"] == 0
-            bar.update(1, out["n_response"])
-        bar.update(len(mine) - len(rows), 0)
-        sd.commit(part, i, rows_to_table(rows),
-                  sidecar_info(len(mine), len(rows), rejects, time.time() - t0, stats["response_positions"],
-                               align=stats, pair={"same_tokenizer": pair.same_tokenizer,
-                                                  "copy_ids": pair.vocab_map is None,
-                                                  "vocab_mapping": ctx.cfg.prep.vocab_mapping,
-                                                  "mapped_share": pair.mapped_share}))
+            n_in += 1
+            ranked = cands[rec["id"]]
+            if not ranked:
+                why = ("no source has a training row for this id (see the teacher stage's rejects)" if mode == "training"
+                       else "the inference winner has no teacher row for this id (see the teacher stage's rejects)")
+                rejects.append({"id": rec["id"], "mode": mode, "kind": "missing_teacher_row", "reason": why})
+                bar.update(1, 0)
+                continue
+            choice[ranked[0][0]]["first"] += 1
+            for rank, (src, table, j, info) in enumerate(ranked):
+                row = table.row(j)
+                try:
+                    out = align_sample(pairs[src], tgt, ctx.cfg.data.overlength, rec["messages"], row["response"],
+                                       np.asarray(row["token_ids"], dtype=np.int64), row["token_logprobs"],
+                                       row["topk_ids"], row["topk_logprobs"])
+                    if out["n_transferred"] == 0:
+                        raise Reject("no_transfer", f"{src}: no target response position received a distribution")
+                except Reject as e:
+                    nxt = (f"falling back to {ranked[rank + 1][0]}" if rank + 1 < len(ranked) else
+                           "no other source to fall back to" if mode == "training" else
+                           "only the winner's distributions exist in inference mode: no inference mode for this sample")
+                    rejects.append({"id": rec["id"], "mode": mode, "source": src, "kind": e.kind,
+                                    "reason": f"{e.reason} ({nxt})"})
+                    continue
+                rows.append({"id": rec["id"], "mode": mode, "source": src, "rank": rank, **info, **out})
+                st = stats[src]
+                st["rows"] += 1
+                st["fallback_rows"] += rank > 0
+                st["response_positions"] += out["n_response"]
+                st["text_positions"] += out["n_text"]
+                st["text_transferred"] += out["n_text_transferred"]
+                st["aligned"] += out["n_aligned"]
+                st["transferred"] += out["n_transferred"]
+                st["kept_mass_sum"] += out["kept_mass_sum"]
+                st["mass_sum"] += out["mass_sum"]
+                st["copy_rows"] += out["method"] == "copy"
+                choice[src]["taught"] += 1
+                bar.update(0, out["n_response"])
+                break
+            bar.update(1, 0)
+        sd.commit(mode, i, rows_to_table(rows),
+                  sidecar_info(n_in, len(rows), rejects, time.time() - t0,
+                               sum(s["response_positions"] for s in stats.values()), align=stats, choice=choice,
+                               pairs=pairs.info()))
 
     def finalize(self, ctx, sd, parts, rejects):
+        from profuser.prep.stats import collect_stats, log_stats
+
         cfg = ctx.cfg
         n = len(next(iter(parts.values()))["shards"]) if parts else 0
-        pairs, shares = {}, {}
-        for spec in cfg.sources:
-            src = spec.name
-            entry: dict = {"source": src, "target": cfg.target.name}
-            total = dict.fromkeys(STAT_KEYS, 0)
-            for m in MODES:
-                agg = dict.fromkeys(STAT_KEYS, 0)
-                for i in range(n):
-                    side = sd.sidecar(f"{m}/{src}", i)
-                    if "same_tokenizer" not in entry:
-                        entry.update(side.get("pair") or {})
+        sources = [m.name for m in cfg.sources]
+        agg = {m: {s: dict.fromkeys(STAT_KEYS, 0) for s in sources} for m in MODES}
+        choice = {m: {s: {"first": 0, "taught": 0} for s in sources} for m in MODES}
+        pair_info: dict = {}
+        for m in MODES:
+            for i in range(n):
+                side = sd.sidecar(m, i)
+                for s in sources:
                     for key in STAT_KEYS:
-                        agg[key] += side.get("align", {}).get(key, 0)
-                for key in STAT_KEYS:
-                    total[key] += agg[key]
-                entry[m] = pair_summary(agg)
+                        agg[m][s][key] += side.get("align", {}).get(s, {}).get(key, 0)
+                    for key in ("first", "taught"):
+                        choice[m][s][key] += side.get("choice", {}).get(s, {}).get(key, 0)
+                for s, info in (side.get("pairs") or {}).items():
+                    pair_info.setdefault(s, info)
+        pairs = {}
+        for s in sources:
+            entry: dict = {"source": s, "target": cfg.target.name, "vocab_mapping": cfg.prep.vocab_mapping,
+                           **pair_info.get(s, {})}
+            total = {key: sum(agg[m][s][key] for m in MODES) for key in STAT_KEYS}
+            for m in MODES:
+                entry[m] = pair_summary(agg[m][s])
             entry["all"] = pair_summary(total)
-            pairs[f"{src}->{cfg.target.name}"] = entry
-            shares[src] = [x for m in MODES for i in range(n)
-                           for x in _row_shares(sd.read(f"{m}/{src}", i, ["n_transferred", "n_response"]))]
+            pairs[f"{s}->{cfg.target.name}"] = entry
         for key, e in pairs.items():
             a = e["all"]
-            ctx.say(f"align {key}: {a['rows']} rows, transferred distributions at "
-                    f"{_pct(a['transferred_share'])} of {a['response_positions']} target response positions, top-k "
-                    f"mass kept {_pct(a['kept_mass'])} ({'copy' if e.get('copy_ids') else cfg.prep.vocab_mapping} "
+            if not a["rows"]:
+                continue
+            ctx.say(f"align {key}: {a['rows']} rows ({a['fallback_rows']} as fallback teacher), distributions at "
+                    f"{_pct(a['transferred_share'])} of {a['response_positions']} target response positions "
+                    f"({_pct(a['text_share'])} of the {a['text_positions']} holding response text or the end of turn; "
+                    f"1:1 spans alone: {_pct(a['aligned_share'])}), top-k mass carried {_pct(a['kept_mass'])}, "
+                    f"mean stored mass {_fmt(a['mass'])} ({'copy' if e.get('copy_ids') else cfg.prep.vocab_mapping} "
                     f"vocabulary map, {_pct(e.get('mapped_share'))} of source tokens mapped)")
-        log_align_stats(ctx, pairs, shares)
-        return {"pairs": pairs}
+        for m in MODES:
+            total = sum(c["taught"] for c in choice[m].values())
+            if total:
+                ctx.say(f"align: {m} teachers: " + ", ".join(
+                    f"{s} {c['taught']} ({c['taught'] / total:.0%}; first choice {c['first']})"
+                    for s, c in choice[m].items()))
+        selection = {m: {s: dict(c) for s, c in choice[m].items()} for m in MODES}
+        log_align_stats(ctx, pairs, _row_shares(ctx, sd, n))
+        log_stats(ctx, collect_stats(ctx, selection))
+        return {"pairs": pairs, "selection": selection, "mince": cfg.prep.mince}
 
 
-def _row_shares(t: pa.Table) -> list[float]:
-    tr, rs = t.column("n_transferred").to_pylist(), t.column("n_response").to_pylist()
-    return [a / b for a, b in zip(tr, rs) if b]
+def _row_shares(ctx, sd, n: int) -> dict:
+    out: dict = {m.name: [] for m in ctx.cfg.sources}
+    for m in MODES:
+        for i in range(n):
+            t = sd.read(m, i, ["source", "n_transferred", "n_response"])
+            for s, tr, rs in zip(*t.to_pydict().values()):
+                if rs:
+                    out[s].append(tr / rs)
+    return out
 
 
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def pair_summary(a: dict) -> dict:
-    """Counts of one source -> target pair plus the two shares the stage reports."""
-    return {**{k: a[k] for k in STAT_KEYS if k != "kept_mass_sum"},
-            "transferred_share": a["transferred"] / a["response_positions"] if a["response_positions"] else None,
-            "aligned_share": a["aligned"] / a["response_positions"] if a["response_positions"] else None,
-            "kept_mass": a["kept_mass_sum"] / a["aligned"] if a["aligned"] else None}
+    """Counts of one source -> target pair plus the shares the stage reports."""
+    rp, tr, tp = a["response_positions"], a["transferred"], a["text_positions"]
+    return {**{k: a[k] for k in STAT_KEYS if not k.endswith("_sum")},
+            "transferred_share": tr / rp if rp else None,
+            "text_share": a["text_transferred"] / tp if tp else None,
+            "aligned_share": a["aligned"] / rp if rp else None,
+            "kept_mass": a["kept_mass_sum"] / tr if tr else None,
+            "mass": a["mass_sum"] / tr if tr else None}
 
 
 def log_align_stats(ctx, pairs: dict, shares: dict) -> Optional[str]:
@@ -394,11 +566,11 @@ def log_align_stats(ctx, pairs: dict, shares: dict) -> Optional[str]:
         return None
     import wandb
 
-    cols = ["source", "target", "mode", "rows", "response_positions", "transferred_share", "aligned_share",
-            "kept_mass", "mapped_share"]
-    data = [[e["source"], e["target"], m, e[m]["rows"], e[m]["response_positions"], e[m]["transferred_share"],
-             e[m]["aligned_share"], e[m]["kept_mass"], e.get("mapped_share")]
-            for e in pairs.values() for m in (*MODES, "all")]
+    cols = ["source", "target", "mode", "rows", "fallback_rows", "response_positions", "transferred_share",
+            "text_share", "aligned_share", "kept_mass", "mass", "mapped_share"]
+    data = [[e["source"], e["target"], m, e[m]["rows"], e[m]["fallback_rows"], e[m]["response_positions"],
+             e[m]["transferred_share"], e[m]["text_share"], e[m]["aligned_share"], e[m]["kept_mass"], e[m]["mass"],
+             e.get("mapped_share")] for e in pairs.values() for m in (*MODES, "all")]
     log = {"prep/align/pairs": wandb.Table(columns=cols, data=data)}
     for src, v in shares.items():
         if v:
@@ -407,7 +579,7 @@ def log_align_stats(ctx, pairs: dict, shares: dict) -> Optional[str]:
     flat = {}
     for e in pairs.values():
         for m in (*MODES, "all"):
-            for key in ("transferred_share", "kept_mass"):
+            for key in ("transferred_share", "text_share", "aligned_share", "kept_mass", "mass"):
                 if e[m][key] is not None:
                     flat[f"prep/align/{key}/{m}/{e['source']}"] = e[m][key]
     run.summary.update(flat)

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from profuser.prep.shards import StageDir, atomic_write_json, shard_name
 from profuser.prep.stages import Context, Progress, Stage, sidecar_info, up
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 PART = ""  # the shards live in the stage directory itself (see the module docstring)
 MODES = ("training", "inference")
 FIELDS = {  # build column suffix -> (align column, type)
@@ -48,13 +48,10 @@ class BuildStage(Stage):
         return {PART: {"upstream": {**up(plan, "normalize"), **up(plan, "align")}, "version": BUILD_VERSION}}
 
     def run(self, ctx: Context, todo: dict[str, list[int]]) -> None:
-        from profuser.prep.align_stage import SCHEMA as ALIGN_SCHEMA
-
         shards = todo.get(PART)
         if not shards:
             return
-        cfg, sd, asd, norm = ctx.cfg, ctx.stage_dir(self.name), ctx.stage_dir("align"), ctx.stage_dir("normalize")
-        sources = [m.name for m in cfg.sources]
+        sd, asd, norm = ctx.stage_dir(self.name), ctx.stage_dir("align"), ctx.stage_dir("normalize")
         cols = [c for c, _ in FIELDS.values()]
         bar = Progress(ctx, sum(norm.num_rows("records", i) for i in shards), "build")
         for i in shards:
@@ -63,8 +60,7 @@ class BuildStage(Stage):
             ids = records["id"].to_pylist()
             picked = {}
             for m in MODES:
-                parts = [asd.read(f"{m}/{s}", i, ["id", *cols]) for s in sources]
-                table = pa.concat_tables(parts) if parts else ALIGN_SCHEMA.empty_table().select(["id", *cols])
+                table = asd.read(m, i, ["id", *cols])
                 at = {rid: j for j, rid in enumerate(table["id"].to_pylist())}
                 picked[m] = (table, [at.get(rid) for rid in ids])
             keep = [j for j, rid in enumerate(ids) if any(picked[m][1][j] is not None for m in MODES)]

@@ -217,7 +217,7 @@ class StageDir:
 
     def remove_derived(self) -> None:
         """Stage-level files computed from all parts (rebuilt when the stage finishes)."""
-        for name in (REJECTS, "winners.parquet", "stats.json"):
+        for name in (REJECTS, "stats.json"):
             (self.root / name).unlink(missing_ok=True)
 
     def clean_tmp(self) -> None:

@@ -1,4 +1,4 @@
-"""Prep statistics: per-source score and CE distributions and the win-rate table per mode.
+"""Prep statistics: per-source score, CE and bits-per-byte distributions and the teacher table per mode.
 
 Written to run_dir/prep/stats.json and, when W&B is enabled, logged to a `prep` run (offline
 unless an API key is configured; `wandb sync` uploads it later).
@@ -16,13 +16,19 @@ from profuser.prep.shards import atomic_write_json
 MODES = ("training", "inference")
 
 
-def collect_stats(ctx) -> dict:
+def collect_stats(ctx, selection: dict) -> dict:
+    """Score distributions per scorer and source, CE (nats per own token) and bits per byte of the
+    response text per mode and source, and the teachers of each mode: `selection` is the align
+    stage's {mode: {source: {"first": first-choice count, "taught": samples it teaches}}}."""
+    import math
+
     cfg = ctx.cfg
     sources = [m.name for m in cfg.sources]
     scorers = [s.name for s in cfg.scorers]
     n = ctx.stage_dir("normalize").manifest()["n_shards"]
     scores = {sc: {s: [] for s in sources} for sc in scorers}
     ce = {m: {s: [] for s in sources} for m in MODES}
+    bpb = {m: {s: [] for s in sources} for m in MODES}
     score_dir, teacher_dir = ctx.stage_dir("score"), ctx.stage_dir("teacher")
     for i in range(n):
         for row in score_dir.read("scores", i).to_pylist():
@@ -31,18 +37,22 @@ def collect_stats(ctx) -> dict:
                     scores[sc][src].append(row[f"score_{sc}"][j])
         for m in MODES:
             for s in sources:
-                ce[m][s] += teacher_dir.read(f"{m}/{s}", i, ["ce"]).column("ce").to_pylist()
-    import pyarrow.parquet as pq
-
-    w = pq.read_table(teacher_dir.root / "winners.parquet", columns=["mode", "source"]).to_pylist()
+                t = teacher_dir.read(f"{m}/{s}", i, ["ce", "text_nll", "text_bytes"]).to_pydict()
+                ce[m][s] += t["ce"]
+                bpb[m][s] += [a / (math.log(2) * b) for a, b in zip(t["text_nll"], t["text_bytes"]) if b]
     win = {}
     for m in MODES:
-        total = sum(r["mode"] == m for r in w)
-        win[m] = {s: {"wins": sum(r["mode"] == m and r["source"] == s for r in w),
-                      "share": sum(r["mode"] == m and r["source"] == s for r in w) / total if total else 0.0}
+        per = selection.get(m, {})
+        total = sum(c["taught"] for c in per.values())
+        firsts = sum(c["first"] for c in per.values())
+        win[m] = {s: {"wins": per.get(s, {}).get("taught", 0),
+                      "share": per.get(s, {}).get("taught", 0) / total if total else 0.0,
+                      "first_choice": per.get(s, {}).get("first", 0),
+                      "first_choice_share": per.get(s, {}).get("first", 0) / firsts if firsts else 0.0}
                   for s in sources}
     counts = {st: (ctx.stage_dir(st).manifest() or {}).get("counts") for st in ("normalize", "generate", "score")}
-    return {"sources": sources, "scores": scores, "ce": ce, "win_rate": win, "counts": counts}
+    return {"sources": sources, "scores": scores, "ce": ce, "bpb": bpb, "win_rate": win, "counts": counts,
+            "mince": cfg.prep.mince}
 
 
 def _summary(values: list[float]) -> dict:
@@ -58,7 +68,9 @@ def summarize(stats: dict) -> dict:
     return {
         "scores": {sc: {s: _summary(v) for s, v in per.items()} for sc, per in stats["scores"].items()},
         "ce": {m: {s: _summary(v) for s, v in per.items()} for m, per in stats["ce"].items()},
+        "bpb": {m: {s: _summary(v) for s, v in per.items()} for m, per in stats["bpb"].items()},
         "win_rate": stats["win_rate"],
+        "mince": stats["mince"],
         "counts": stats["counts"],
     }
 
@@ -91,18 +103,22 @@ def log_stats(ctx, stats: dict) -> Optional[str]:
         for s, v in per.items():
             if v:
                 data[f"prep/score/{sc}/{s}"] = wandb.Histogram(v)
-    for m, per in stats["ce"].items():
-        for s, v in per.items():
-            if v:
-                data[f"prep/ce/{m}/{s}"] = wandb.Histogram(v)
-    rows = [[m, s, r["wins"], r["share"]] for m, per in stats["win_rate"].items() for s, r in per.items()]
-    data["prep/win_rate"] = wandb.Table(columns=["mode", "source", "wins", "share"], data=rows)
+    for key in ("ce", "bpb"):
+        for m, per in stats[key].items():
+            for s, v in per.items():
+                if v:
+                    data[f"prep/{key}/{m}/{s}"] = wandb.Histogram(v)
+    rows = [[m, s, r["wins"], r["share"], r["first_choice"], r["first_choice_share"]]
+            for m, per in stats["win_rate"].items() for s, r in per.items()]
+    data["prep/win_rate"] = wandb.Table(columns=["mode", "source", "teaches", "share", "first_choice",
+                                                 "first_choice_share"], data=rows)
     run.log(data)
     flat = {}
-    for m, per in summary["ce"].items():
-        for s, v in per.items():
-            if v.get("n"):
-                flat[f"prep/ce_mean/{m}/{s}"] = v["mean"]
+    for key in ("ce", "bpb"):
+        for m, per in summary[key].items():
+            for s, v in per.items():
+                if v.get("n"):
+                    flat[f"prep/{key}_mean/{m}/{s}"] = v["mean"]
     for sc, per in summary["scores"].items():
         for s, v in per.items():
             if v.get("n"):

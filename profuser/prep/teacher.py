@@ -1,14 +1,17 @@
 """Stage 4, teacher: each source teacher-forced on the ground truth (training mode) and the score
 winner on its own response (inference mode); per response token its top-k next-token distribution.
 
-Parts: `training/<source>` holds every source's rows on the reference (mean token CE + top-k), so
-MinCE can compare them and the winner's distributions need no second pass; `inference/<source>`
-holds the rows of the prompts that source won in the score stage. A winner whose response equals
-the reference reuses its training row, and identical sequences inside a shard are computed once.
+Parts: `training/<source>` holds every source's rows on the reference, so the align stage can rank
+them by MinCE (profuser.selection) and the winner's distributions need no second pass;
+`inference/<source>` holds the rows of the prompts that source won in the score stage. A winner whose
+response equals the reference reuses its training row, and identical sequences inside a shard are
+computed once.
 
 Rows follow docs/ARCHITECTURE.md, "Stage contracts" (label-aligned: row r of topk_* is the distribution over
-token_ids[r]). When every part is done, `winners.parquet` gets one row per (id, mode): the MinCE
-source (training) and the score winner (inference).
+token_ids[r]). Besides the top-k, each row keeps what MinCE compares: `ce` (nats per own response
+token, end of turn included: the paper's rule) and `text_nll`/`text_bytes` (NLL of only the tokens
+that encode the response text, and its UTF-8 bytes: bits per byte, comparable across tokenizers),
+and `token_logprobs`, the log-prob of every response token (the chain rule of profuser.transfer).
 
 The forward pass computes logits only at the positions that predict a response token (a boolean
 `logits_to_keep` mask, so no [B, T, V] tensor for the prompt), then works through them
@@ -24,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from profuser.prep.shards import write_parquet
 from profuser.prep.stages import (Context, Progress, Stage, free_memory, model_deps, read_records, sidecar_info,
                                    up)
 
@@ -33,21 +35,17 @@ SCHEMA = pa.schema([
     pa.field("mode", pa.string()),  # "training" | "inference"
     pa.field("source", pa.string()),
     pa.field("response", pa.string()),
-    pa.field("ce", pa.float64()),  # mean token CE over the response tokens (nats)
+    pa.field("ce", pa.float64()),  # mean token CE over the response tokens (nats), template tail included
     pa.field("n_tokens", pa.int32()),  # R
+    pa.field("text_nll", pa.float64()),  # NLL (nats) summed over the tokens that encode the response text
+    pa.field("text_bytes", pa.int32()),  # UTF-8 bytes of the response text
+    pa.field("text_tokens", pa.int32()),  # tokens counted in text_nll
     pa.field("token_ids", pa.list_(pa.int32())),  # [R] the source's response token ids, incl. end of turn
+    pa.field("token_logprobs", pa.list_(pa.float16())),  # [R] log-prob of token_ids[r] (full vocab)
     pa.field("topk_ids", pa.list_(pa.list_(pa.int32()))),  # [R, k]
     pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16()))),  # [R, k], log-softmax over the full vocab
 ])
-WINNERS_SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("mode", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("ce", pa.float64()),  # the winner's mean token CE on this mode's sequence
-    pa.field("votes", pa.float64()),  # inference: the winner's votes; training: null
-    pa.field("mean_z", pa.float64()),  # inference: the winner's mean z-score; training: null
-])
-MODES = ("training", "inference")
+TEACHER_VERSION = 2  # bump when the rows change (2: text_nll/text_bytes/token_logprobs)
 
 
 @dataclass
@@ -55,6 +53,7 @@ class TeacherOut:
     ce: float  # mean over the response tokens, nats
     topk_ids: np.ndarray  # [R, k] int32
     topk_logprobs: np.ndarray  # [R, k] float16
+    nll: np.ndarray  # [R] float64: -log p(token r), computed in fp32
 
 
 def response_logits(model, input_ids, attention_mask, keep):
@@ -118,7 +117,8 @@ def teacher_forward(model, seqs: list[list[int]], n_resp: list[int], k: int, chu
     nll64 = nll.double().numpy()
     for r in n_resp:
         out.append(TeacherOut(float(nll64[at:at + r].sum() / r) if r else float("nan"),
-                              top_ids[at:at + r].numpy(), top_lps[at:at + r].numpy().astype(np.float16)))
+                              top_ids[at:at + r].numpy(), top_lps[at:at + r].numpy().astype(np.float16),
+                              nll64[at:at + r]))
         at += r
     return out
 
@@ -134,7 +134,9 @@ def _nested(arrays: list[np.ndarray], dtype: pa.DataType, k: int) -> pa.Array:
 
 def rows_to_table(rows: list[dict], k: int) -> pa.Table:
     tok = [np.asarray(r["token_ids"], dtype=np.int32) for r in rows]
-    tok_off = np.concatenate([[0], np.cumsum([len(t) for t in tok])]).astype(np.int32)
+    tok_off = pa.array(np.concatenate([[0], np.cumsum([len(t) for t in tok])]).astype(np.int32))
+    tlp = [np.asarray(r["token_logprobs"], dtype=np.float16) for r in rows]
+    flat = lambda xs, dt: pa.array(np.concatenate(xs) if xs else np.zeros(0, dt))  # noqa: E731
     return pa.Table.from_arrays([
         pa.array([r["id"] for r in rows], pa.string()),
         pa.array([r["mode"] for r in rows], pa.string()),
@@ -142,7 +144,11 @@ def rows_to_table(rows: list[dict], k: int) -> pa.Table:
         pa.array([r["response"] for r in rows], pa.string()),
         pa.array([r["ce"] for r in rows], pa.float64()),
         pa.array([len(t) for t in tok], pa.int32()),
-        pa.ListArray.from_arrays(pa.array(tok_off), pa.array(np.concatenate(tok) if tok else np.zeros(0, np.int32))),
+        pa.array([r["text_nll"] for r in rows], pa.float64()),
+        pa.array([r["text_bytes"] for r in rows], pa.int32()),
+        pa.array([r["text_tokens"] for r in rows], pa.int32()),
+        pa.ListArray.from_arrays(tok_off, flat(tok, np.int32)),
+        pa.ListArray.from_arrays(tok_off, flat(tlp, np.float16)),
         _nested([r["topk_ids"] for r in rows], pa.int32(), k),
         _nested([r["topk_logprobs"] for r in rows], pa.float16(), k),
     ], schema=SCHEMA)
@@ -156,7 +162,7 @@ class TeacherStage(Stage):
         out = {}
         for m in cfg.sources:
             common = {"model": model_deps(m), "max_length": m.max_length or cfg.data.max_length,
-                      "overlength": cfg.data.overlength, "topk": cfg.prep.topk}
+                      "overlength": cfg.data.overlength, "topk": cfg.prep.topk, "version": TEACHER_VERSION}
             out[f"training/{m.name}"] = {"upstream": up(plan, "normalize"), **common}
             out[f"inference/{m.name}"] = {"upstream": {**up(plan, "normalize"), **up(plan, "score")}, **common}
         return out
@@ -196,6 +202,7 @@ class TeacherStage(Stage):
             results.update(zip(batch, outs))
             bar.update(0, sum(n_resp[u] for u in batch))
         rows = []
+        special = cm.tokenizer.all_special_ids
         for rec, resp, enc in encoded:
             o = results[tuple(enc.input_ids)]
             if not math.isfinite(o.ce) or np.isnan(o.topk_logprobs).any():
@@ -203,8 +210,11 @@ class TeacherStage(Stage):
                 rejects.append({"id": rec["id"], "mode": mode, "source": src, "kind": "non_finite_ce",
                                 "reason": f"{src} teacher-forced on the {mode} response: {what}"})
                 continue
+            text = np.asarray(enc.text_tokens(resp, special), dtype=bool)
             rows.append({"id": rec["id"], "mode": mode, "source": src, "response": resp, "ce": o.ce,
-                         "token_ids": enc.input_ids[enc.prompt_len:], "topk_ids": o.topk_ids,
+                         "text_nll": float(o.nll[text].sum()), "text_bytes": len(resp.encode("utf-8", "surrogatepass")),
+                         "text_tokens": int(text.sum()), "token_ids": enc.input_ids[enc.prompt_len:],
+                         "token_logprobs": (-o.nll).astype(np.float16), "topk_ids": o.topk_ids,
                          "topk_logprobs": o.topk_logprobs})
         return rows, rejects
 
@@ -252,42 +262,20 @@ class TeacherStage(Stage):
             free_memory()
 
     def finalize(self, ctx, sd, parts, rejects):
-        from collections import Counter
+        """Per-source summary lines: mean bits per byte and nats per token on the ground truth."""
+        import pyarrow.compute as pc
 
-        from profuser.prep.stats import collect_stats, log_stats
-
-        cfg = ctx.cfg
-        sources = [m.name for m in cfg.sources]
         n = ctx.stage_dir("normalize").manifest()["n_shards"]
-        winners = []
-        for i in range(n):
-            ids = ctx.stage_dir("normalize").read("records", i, ["id"]).column("id").to_pylist()
-            ce = {src: dict(zip(*sd.read(f"training/{src}", i, ["id", "ce"]).to_pydict().values())) for src in sources}
-            inf_ce = {}
-            for src in sources:
-                for rid, c in zip(*sd.read(f"inference/{src}", i, ["id", "ce"]).to_pydict().values()):
-                    inf_ce[rid] = (src, c)
-            score = {r["id"]: r for r in ctx.stage_dir("score").read("scores", i).to_pylist()}
-            for rid in ids:
-                have = [(ce[s][rid], j, s) for j, s in enumerate(sources) if rid in ce[s]]
-                if have:
-                    c, _, s = min(have)
-                    winners.append({"id": rid, "mode": "training", "source": s, "ce": c, "votes": None, "mean_z": None})
-                if rid in inf_ce:
-                    s, c = inf_ce[rid]
-                    sc = score[rid]
-                    j = sc["sources"].index(s)
-                    winners.append({"id": rid, "mode": "inference", "source": s, "ce": c,
-                                    "votes": sc["votes"][j], "mean_z": sc["mean_z"][j]})
-        write_parquet(sd.root / "winners.parquet", pa.Table.from_pylist(winners, schema=WINNERS_SCHEMA))
-        win = {m: dict(Counter(w["source"] for w in winners if w["mode"] == m)) for m in MODES}
-        for m in MODES:
-            total = sum(win[m].values())
-            shares = ", ".join(f"{s} {win[m].get(s, 0)} ({win[m].get(s, 0) / max(total, 1):.0%})" for s in sources)
-            ctx.say(f"teacher: {m} winners: {shares}")
-        stats = collect_stats(ctx)
-        log_stats(ctx, stats)
-        return {"winners": win}
+        for m in ctx.cfg.sources:
+            tables = [sd.read(f"training/{m.name}", i, ["ce", "text_nll", "text_bytes"]) for i in range(n)]
+            table = pa.concat_tables(tables) if tables else None
+            if table is None or table.num_rows == 0:
+                continue
+            nll, nb = pc.sum(table["text_nll"]).as_py(), pc.sum(table["text_bytes"]).as_py()
+            ctx.say(f"teacher: {m.name} on the ground truths: {nll / (math.log(2) * nb):.3f} bits per byte of "
+                    f"response text, {pc.mean(table['ce']).as_py():.3f} nats per own token (mean over "
+                    f"{table.num_rows} responses)")
+        return {}
 
 
 def _as_arrays(row: dict, k: int) -> dict:
@@ -295,4 +283,5 @@ def _as_arrays(row: dict, k: int) -> dict:
     if isinstance(row["topk_ids"], np.ndarray):
         return row
     return {**row, "topk_ids": np.asarray(row["topk_ids"], dtype=np.int32).reshape(-1, k),
-            "topk_logprobs": np.asarray(row["topk_logprobs"], dtype=np.float16).reshape(-1, k)}
+            "topk_logprobs": np.asarray(row["topk_logprobs"], dtype=np.float16).reshape(-1, k),
+            "token_logprobs": np.asarray(row["token_logprobs"], dtype=np.float16)}

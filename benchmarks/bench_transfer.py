@@ -1,0 +1,301 @@
+"""python benchmarks/bench_transfer.py [--teacher-sentences 6000] [--student-sentences 200] [--seed 0]
+
+Does the transferred teacher signal carry the teacher's knowledge across tokenizers?
+
+A corpus where knowledge is worth distilling: sentences drawn from a random first-order Markov chain
+over ~120 English words (each word has 4 possible successors with random probabilities), rendered as
+chat answers to one fixed short prompt. The next word is genuinely uncertain, so a teacher that has seen
+many sentences knows the transition probabilities, and a student that sees few sentences cannot
+learn them from its one-hot labels alone.
+
+For every tokenizer family Y of profuser.tiny (chatml_bpe, vicuna_spm, gemma_unigram):
+- a teacher per family is trained (SFT, same steps, same --teacher-sentences sentences) on its own
+  tokenizer and chat template, so the teacher of family Y and the teachers of the other families are
+  "of the same quality" (their held-out bits per byte are printed);
+- a student of family Y starts from the same random init each time and is trained with the same
+  steps on the same --student-sentences sentences by
+    (a) SFT only (CE on the labels),
+    (b) the project's distillation (profuser.losses.fusion_loss, forward KL, beta 1) from the
+        same-tokenizer teacher (the rows copied, as the align stage's copy path does),
+    (c) the project's distillation from each cross-tokenizer teacher X through the align stage's own
+        functions (profuser.prep.align_stage.align_sample: response re-tokenized, projected by
+        profuser.transfer, vocabulary tables by profuser.vocab_map);
+- each student's held-out bits per byte of response text (the tokens that encode the text, end of
+  turn excluded, over its UTF-8 bytes) on fresh sentences of the same chain.
+
+transfer_efficiency(X -> Y) = (bpb_a - bpb_c) / (bpb_a - bpb_b): 1 means the cross-tokenizer teacher
+helps as much as a same-tokenizer one. Goal >= 0.8 for every pair. Printed twice, side by side:
+"after" = this project's rule (every covered position, longest-prefix vocabulary, the teacher's rest
+as an "other" bucket) and "before" = the earlier rule (1:1 spans only, exact-surface vocabulary map,
+the teacher renormalized over its surviving entries), each against (b) trained with the same loss.
+One JSON object on stdout; progress on stderr. Two CPU threads, about 5 minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A sentence?"}]
+K = 10
+
+
+def say(msg: str) -> None:
+    print(f"[bench_transfer] {msg}", file=sys.stderr, flush=True)
+
+
+# --- the corpus -----------------------------------------------------------------------------------
+
+def markov_chain(seed: int, n_words: int = 120, fanout: int = 4):
+    from profuser.tiny import corpus_lines
+
+    counts = Counter(w for line in corpus_lines() for w in re.findall(r"\b[a-z]{3,}\b", line.lower()))
+    words = [w for w, _ in counts.most_common(n_words)]
+    rng = np.random.default_rng(seed)
+    succ = {w: rng.choice(len(words), size=fanout, replace=False) for w in words}
+    probs = {w: rng.dirichlet(np.full(fanout, 0.7)) for w in words}
+    return words, succ, probs
+
+
+def sentences(chain, n: int, seed: int) -> list[str]:
+    words, succ, probs = chain
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        w = words[rng.integers(len(words))]
+        seq = [w]
+        for _ in range(int(rng.integers(5, 12))):
+            w = words[succ[w][rng.choice(len(succ[w]), p=probs[w])]]
+            seq.append(w)
+        out.append(" ".join(seq).capitalize() + ".")
+    return out
+
+
+# --- models and training ----------------------------------------------------------------------------
+
+class ChatSide:
+    """What align_sample needs of a model: a tokenizer, its chat template and a name."""
+
+    def __init__(self, family: str):
+        from types import SimpleNamespace
+
+        from profuser.chat import BUILTIN_TEMPLATES, end_of_turn_id
+        from profuser.tiny import FAMILIES, build_tokenizer
+
+        self.family = family
+        self.tokenizer = build_tokenizer(family)
+        self.template = BUILTIN_TEMPLATES[FAMILIES[family][2]]
+        self.arch = FAMILIES[family][3]
+        self.spec = SimpleNamespace(name=family)
+        self.eot = end_of_turn_id(self.tokenizer, self.template)
+
+    def encode(self, sentence: str):
+        from profuser.chat import encode_chat
+
+        return encode_chat(self.tokenizer, self.template, PROMPT, sentence)
+
+    def model(self, seed: int):
+        from profuser.tiny import build_model
+
+        return build_model(self.arch, len(self.tokenizer), seed, self.tokenizer, hidden=64, layers=2)
+
+
+def train(model, rows: list[dict], steps: int, lr: float, batch: int, seed: int, pad: int, rest: str = "other"):
+    """AdamW on fusion_loss over random batches of `rows` (CE only where a row has no teacher)."""
+    import torch
+
+    from profuser.losses import fusion_loss
+    from profuser.train.collator import collate_mode
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(rows), (min(batch, len(rows)),), generator=gen).tolist()
+        b = collate_mode([rows[i] for i in idx], pad)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        parts = fusion_loss(logits, b["labels"], b["topk_ids"], b["topk_logprobs"], rest=rest)
+        opt.zero_grad()
+        parts.mean().backward()
+        opt.step()
+    model.eval()
+    return model
+
+
+def bits_per_byte(model, side: ChatSide, held_out: list[str]) -> float:
+    """NLL of the response text's tokens (end of turn excluded) per UTF-8 byte, in bits."""
+    import torch
+
+    nll = 0.0
+    nbytes = 0
+    special = side.tokenizer.all_special_ids
+    with torch.no_grad():
+        for s in held_out:
+            enc = side.encode(s)
+            ids = torch.tensor([enc.input_ids])
+            logp = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+            tok = torch.tensor(enc.input_ids[1:])
+            per = -logp.gather(1, tok[:, None]).squeeze(1)[enc.prompt_len - 1:]
+            mask = torch.tensor(enc.text_tokens(s, special))
+            nll += float(per[mask].sum())
+            nbytes += len(s.encode())
+    return nll / (math.log(2) * nbytes)
+
+
+def sft_rows(side: ChatSide, sents: list[str]) -> list[dict]:
+    rows = []
+    for s in sents:
+        e = side.encode(s)
+        rows.append({"input_ids": np.asarray(e.input_ids), "labels": np.asarray(e.labels)})
+    return rows
+
+
+def teacher_rows(teacher, side: ChatSide, sents: list[str]) -> list[dict]:
+    """The teacher stage's own forward (fp32 top-k + per-token log-probs) on each sentence."""
+    from profuser.prep.teacher import teacher_forward
+
+    out = []
+    for s in sents:
+        e = side.encode(s)
+        r = len(e.input_ids) - e.prompt_len
+        o = teacher_forward(teacher, [e.input_ids], [r], K)[0]
+        out.append({"sentence": s, "token_ids": np.asarray(e.input_ids[e.prompt_len:]), "token_logprobs": -o.nll,
+                    "topk_ids": o.topk_ids, "topk_logprobs": o.topk_logprobs})
+    return out
+
+
+def distill_rows(student: ChatSide, teacher: ChatSide, trows: list[dict], rule: str) -> tuple[list[dict], dict]:
+    """Student rows with the teacher's distributions re-expressed on the student's tokens.
+
+    rule "after": the align stage's align_sample (copy path for identical tokenizers, else
+    profuser.transfer's projection with prefix tables); "before": the earlier 1:1 rule
+    (align_response spans + exact-surface vocabulary map, vocab_map.aligned_topk)."""
+    from profuser.align import align_response, same_tokenizer
+    from profuser.chat import split_response
+    from profuser.prep.align_stage import Pair, Target, align_sample
+    from profuser.vocab_map import aligned_topk, build_vocab_map, pair_tables
+
+    pairs = {teacher.eot: student.eot}
+    same = same_tokenizer(teacher.tokenizer, student.tokenizer)
+    first, by_byte = pair_tables(teacher.tokenizer, student.tokenizer, "prefix", pairs)
+    exact = build_vocab_map(teacher.tokenizer, student.tokenizer, "exact", pairs)
+    pair = Pair(teacher.family, teacher, teacher.eot, same, same and teacher.eot == student.eot, first, by_byte,
+                1.0, "spans")
+    tgt = Target(student, student.eot, 4096)
+    msgs = PROMPT
+    rows, covered, positions = [], 0, 0
+    for t in trows:
+        s = t["sentence"]
+        if rule == "after":
+            a = align_sample(pair, tgt, "truncate_left", msgs, s, t["token_ids"], t["token_logprobs"],
+                             t["topk_ids"], t["topk_logprobs"])
+            ids, lps = a["topk_ids"], a["topk_logprobs"]
+            n_resp = a["n_response"]
+        else:
+            e = student.encode(s)
+            sp, sr = split_response(teacher.tokenizer, teacher.template, msgs, s)
+            tp, tr = split_response(student.tokenizer, student.template, msgs, s)
+            al = align_response(teacher.tokenizer, sp + sr, len(sp), student.tokenizer, tp + tr, len(tp), s,
+                                teacher.eot, student.eot)
+            if al.method == "copy":
+                m_ids, m_lps = np.asarray(t["topk_ids"], np.int64)[al.tgt_to_src], t["topk_logprobs"][al.tgt_to_src]
+            else:
+                m_ids, m_lps, _ = aligned_topk(al.tgt_to_src, t["topk_ids"], t["topk_logprobs"], exact)
+            P = e.prompt_len
+            ids = np.full((len(e.input_ids), K), -1, dtype=np.int32)
+            lps = np.full((len(e.input_ids), K), -np.inf, dtype=np.float16)
+            ids[P:], lps[P:] = m_ids, m_lps
+            n_resp = len(e.input_ids) - P
+        e = student.encode(s)
+        rows.append({"input_ids": np.asarray(e.input_ids), "labels": np.asarray(e.labels),
+                     "topk_ids": np.asarray(ids, dtype=np.int32), "topk_logprobs": np.asarray(lps, dtype=np.float16)})
+        covered += int((np.asarray(ids)[-n_resp:, 0] >= 0).sum())
+        positions += n_resp
+    return rows, {"coverage": round(covered / positions, 4)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher-sentences", type=int, default=6000, help="sentences each teacher is trained on")
+    p.add_argument("--student-sentences", type=int, default=200, help="sentences the students are trained on")
+    p.add_argument("--held-out", type=int, default=400, help="fresh sentences for the bits-per-byte figures")
+    p.add_argument("--teacher-steps", type=int, default=1500, help="teacher training steps (batch 32)")
+    p.add_argument("--student-steps", type=int, default=300, help="student training steps (batch 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the chain, the data and the inits")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    from profuser.tiny import SOURCES as FAMS
+
+    chain = markov_chain(args.seed)
+    teach_sents = sentences(chain, args.teacher_sentences, args.seed + 1)
+    student_sents = sentences(chain, args.student_sentences, args.seed + 2)
+    held_out = sentences(chain, args.held_out, args.seed + 3)
+    sides = {f: ChatSide(f) for f in FAMS}
+
+    teachers, teacher_bpb = {}, {}
+    for f, side in sides.items():
+        t0 = time.time()
+        teachers[f] = train(side.model(args.seed + 10), sft_rows(side, teach_sents), args.teacher_steps, 3e-3, 32,
+                            args.seed, side.tokenizer.pad_token_id)
+        teacher_bpb[f] = round(bits_per_byte(teachers[f], side, held_out), 4)
+        say(f"teacher {f}: held-out {teacher_bpb[f]} bits/byte ({time.time() - t0:.0f}s)")
+    trows = {f: teacher_rows(teachers[f], sides[f], student_sents) for f in FAMS}
+
+    def student(y: str, rows: list[dict], rest: str) -> float:
+        s = sides[y]
+        m = train(s.model(args.seed + 20), rows, args.student_steps, 3e-3, 16, args.seed, s.tokenizer.pad_token_id,
+                  rest=rest)
+        return round(bits_per_byte(m, s, held_out), 4)
+
+    result = {"device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} torch threads",
+              "corpus": {"words": len(chain[0]), "teacher_sentences": args.teacher_sentences,
+                         "student_sentences": args.student_sentences, "held_out": args.held_out},
+              "teacher_bpb": teacher_bpb, "pairs": {}}
+    rests = {"after": "other", "before": "renormalize"}
+    for y in FAMS:
+        sy = sides[y]
+        bpb_a = student(y, sft_rows(sy, student_sents), "other")
+        bpb_b = {}
+        for rule, rest in rests.items():
+            rows, _ = distill_rows(sy, sides[y], trows[y], rule)
+            bpb_b[rule] = student(y, rows, rest)
+        say(f"student {y}: sft {bpb_a}, same-tokenizer teacher {bpb_b}")
+        for x in FAMS:
+            if x == y:
+                continue
+            entry = {"bpb_sft": bpb_a}
+            for rule, rest in rests.items():
+                rows, info = distill_rows(sy, sides[x], trows[x], rule)
+                bpb_c = student(y, rows, rest)
+                gain = bpb_a - bpb_b[rule]
+                entry[rule] = {"bpb_same_tokenizer_teacher": bpb_b[rule], "bpb_cross_tokenizer_teacher": bpb_c,
+                               "coverage": info["coverage"],
+                               "transfer_efficiency": round((bpb_a - bpb_c) / gain, 3) if gain > 0 else None}
+            say(f"{x} -> {y}: {json.dumps(entry)}")
+            result["pairs"][f"{x} -> {y}"] = entry
+    eff = {rule: [v[rule]["transfer_efficiency"] for v in result["pairs"].values()] for rule in rests}
+    result["min_transfer_efficiency"] = {rule: min((e for e in v if e is not None), default=None)
+                                         for rule, v in eff.items()}
+    result["seconds"] = round(time.time() - t_start, 1)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Source top-k rows -> a teacher distribution at every target response position (DESIGN §3).
+
+The rule, for target token t_j covering response bytes [a, b) (spans from profuser.align, relative
+to where the response starts in each chat rendering):
+
+1. Head. Let s_i be the source token whose byte span [c, d) contains byte a, and delta = a - c
+   the bytes of s_i that the prefix already holds. Row i of the teacher is p(next source token |
+   text before c). When delta > 0 the row is conditioned on those bytes: only candidates whose
+   surface starts with text[c:a] stay, divided by Z = their total probability (the observed s_i is
+   always one of them; Z counts it even when it is outside the stored top-k).
+2. Alternatives. Every other candidate sigma of row i whose surface continues past a gives its
+   (conditioned) probability to the target token that continuation would start with: the target
+   token whose surface is the LONGEST PREFIX of sigma's remaining surface (`vocab_map.prefix_table`;
+   identical surfaces first). Candidates with no such target token, or whose surface ends at a,
+   are lost mass.
+3. The observed path. The target label t_j gets the probability of its own text along the tokens
+   the source actually used (chain rule): p(s_i)/Z, times p(s_m) for every source token lying
+   wholly inside [d, b), times — when the last covered source token s_l runs past b — the
+   probability that s_l starts with text[start(s_l):b] (the candidates of row l with that prefix,
+   observed included). A t_j that ends inside s_i gets p(s_i)/Z (the source's own continuation).
+4. Duplicates (several candidates landing on one target id) are merged by log-sum-exp; the k most
+   probable entries are kept. Nothing is renormalized: the entries' total is the share of the
+   teacher's probability the position carries, and the loss puts the rest in an "other" bucket
+   (profuser.losses.teacher_buckets).
+
+Approximations, stated: the target is assumed to start a continuation with the longest vocabulary
+prefix of it (greedy, as BPE usually but not always does); continuations other than the observed
+one are followed for one source step only (their later tokens are unknown); top-k mass outside the
+stored entries is unknown, so conditioning uses the stored candidates plus the observed token.
+Positions whose head (delta > 0) or partially covered tail token is not byte-exact (normalizer
+rewrites, `<unk>`), or whose bytes no source token covers, get no distribution. The end-of-turn
+tokens of the two templates are paired explicitly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from profuser.align import ResponseTokens, Surfaces
+from profuser.vocab_map import PAD_ID, merge_entries
+
+
+@dataclass
+class Transfer:
+    """Teacher rows for the target response positions (label-aligned: row j is over token j)."""
+    ids: np.ndarray  # int64 [m, k] target ids, PAD_ID = none (left-packed, most probable first)
+    logprobs: np.ndarray  # float32 [m, k] log-probs (-inf where the id is PAD_ID); not renormalized
+    kept: np.ndarray  # float64 [m]: share of the teacher's stored mass at the head row carried here
+    covered: np.ndarray  # bool [m]: the rule applied (bytes covered by usable source tokens)
+    one_to_one: np.ndarray  # bool [m]: the span equals one source token's span (the old, 1:1 rule)
+
+
+def prefix_match(surf: Surfaces, cand: np.ndarray, text: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """bool [Q]: surface of cand[q] starts with text[start[q] : start[q] + length[q]] (lengths >= 0)."""
+    q = len(cand)
+    ok = (cand >= 0) & (cand < len(surf.lengths))
+    ok &= np.where(ok, surf.lengths[np.where(ok, cand, 0)], -1) >= length
+    k = np.flatnonzero(ok & (length > 0))
+    if len(k) == 0:
+        return ok
+    lk = length[k]
+    total = int(lk.sum())
+    owner = np.repeat(np.arange(len(k)), lk)
+    within = np.arange(total) - np.repeat(np.cumsum(lk) - lk, lk)
+    pos = start[k][owner] + within
+    inside = (pos >= 0) & (pos < len(text))
+    text_b = np.where(inside, text[np.clip(pos, 0, max(len(text) - 1, 0))], -1)
+    surf_b = surf.flat[surf.offsets[cand[k]][owner] + within].astype(np.int64)
+    bad = np.bincount(owner, weights=(text_b != surf_b), minlength=len(k)) > 0
+    ok[k[bad]] = False
+    return ok
+
+
+def _logsumexp_rows(lp: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """log(sum(exp(lp) where mask)) per row, -inf for empty rows."""
+    x = np.where(mask, lp, -np.inf)
+    m = x.max(axis=1, initial=-np.inf)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return m_safe + np.log(np.exp(x - m_safe[:, None]).sum(axis=1))
+
+
+def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surfaces,
+            first: np.ndarray, prefix_tab: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray,
+            token_logprobs: np.ndarray, k: int, eot: Optional[tuple[int, int]] = None,
+            pairs: Optional[np.ndarray] = None) -> Transfer:
+    """Teacher distributions for the target response tokens by the rule in the module docstring.
+
+    src/tgt: response-region tokens of the two renderings (profuser.align.response_tokens); n_resp:
+    UTF-8 bytes of the response; surf: the source vocabulary's surfaces; first [V_src]: target id for
+    a whole source token (vocab_map.build_vocab_map: identical surface, longest prefix, role pairs);
+    prefix_tab [len(surf.flat)]: target id for a source token's surface from byte delta on
+    (vocab_map.prefix_table); topk_* [n, K] and token_logprobs [n]: the teacher rows of the source
+    response tokens (row r predicts src.ids[r]); eot: (source index, target index) of the paired
+    end-of-turn tokens; pairs: optional int64 [m] target -> source index from MinED (tokenizers
+    without offsets): then only those 1:1 pairs are used.
+    """
+    n, m = len(src.ids), len(tgt.ids)
+    K = topk_ids.shape[1] if topk_ids.ndim == 2 else 0
+    ids_out = np.full((m, k), PAD_ID, dtype=np.int64)
+    lps_out = np.full((m, k), -np.inf, dtype=np.float32)
+    empty = Transfer(ids_out, lps_out, np.zeros(m), np.zeros(m, dtype=bool), np.zeros(m, dtype=bool))
+    if n == 0 or m == 0:
+        return empty
+    s_st, s_en = src.starts, src.ends
+    a, b = tgt.starts, tgt.ends
+    if pairs is not None:
+        ok = np.asarray(pairs) >= 0
+        head = np.where(ok, pairs, 0)
+        last = head.copy()
+        delta = np.zeros(m, dtype=np.int64)
+    else:
+        en_max = np.maximum.accumulate(s_en)
+        ok = (a >= 0) & (b <= n_resp) & (b > a)
+        head = np.minimum(np.searchsorted(en_max, a, side="right"), n - 1)
+        last = np.minimum(np.searchsorted(en_max, b - 1, side="right"), n - 1)
+        ok &= (s_st[head] <= a) & (a < s_en[head]) & (s_st[last] <= b - 1) & (b <= s_en[last]) & (last >= head)
+        # the source tokens from head to last must tile the bytes without gaps or overlaps
+        seam = np.concatenate(([0], np.cumsum(s_st[1:] != s_en[:-1])))
+        ok &= seam[last] == seam[head]
+        delta = a - s_st[head]
+    if eot is not None and eot[0] is not None and eot[1] is not None and 0 <= eot[1] < m:
+        j = eot[1]
+        ok[j], head[j], last[j], delta[j] = True, eot[0], eot[0], 0
+    tail_partial = ok & (s_en[last] > b) & (last > head)
+    ok &= (delta == 0) | src.exact[head]
+    ok &= ~tail_partial | src.exact[last]
+    if pairs is not None:
+        tail_partial[:] = False
+    tail_partial &= ok
+    if not ok.any():
+        return empty
+
+    tb = src.text
+    obs = src.ids
+    obs_lp = np.asarray(token_logprobs, dtype=np.float64)
+    top = np.asarray(topk_ids, dtype=np.int64)
+    top_lp = np.asarray(topk_logprobs, dtype=np.float64)
+    top_lp = np.where(top >= 0, top_lp, -np.inf)
+    J = np.flatnonzero(ok)
+    hJ, dJ = head[J], delta[J]
+    cand = top[hJ]  # [J, K]
+    clp = top_lp[hJ]
+    in_row = (cand == obs[hJ][:, None]).any(axis=1)
+
+    # 1. conditioning on the bytes of the head token that the prefix already holds
+    cons = cand >= 0
+    cond = dJ > 0
+    if cond.any():
+        rr, cc = np.nonzero(cons & cond[:, None])
+        start = src.base + s_st[hJ[rr]]
+        cons[rr, cc] = prefix_match(surf, cand[rr, cc], tb, start, dJ[rr])
+    logZ = np.logaddexp(_logsumexp_rows(clp, cons), np.where(in_row, -np.inf, obs_lp[hJ]))
+    logZ = np.where(cond, logZ, 0.0)
+    # what the head row offers this position (the normalizer of the kept share)
+    avail = np.where(cond, 1.0, np.exp(np.logaddexp(_logsumexp_rows(clp, cand >= 0),
+                                                     np.where(in_row, -np.inf, obs_lp[hJ]))))
+
+    # 2. alternatives: every other candidate continuing past a, to the target token it starts with
+    safe = np.clip(cand, 0, len(surf.lengths) - 1)
+    known = (cand >= 0) & (cand < len(surf.lengths))
+    alt = cons & known & (cand != obs[hJ][:, None]) & (surf.lengths[safe] > dJ[:, None])
+    tgt_id = np.where(dJ[:, None] == 0, first[np.clip(cand, 0, len(first) - 1)],
+                      prefix_tab[np.clip(surf.offsets[safe] + dJ[:, None], 0, len(prefix_tab) - 1)])
+    tgt_id = np.where(alt & ~(surf.special[safe] & (dJ[:, None] > 0)), tgt_id, PAD_ID)
+    alt_lp = np.where(tgt_id >= 0, clp - logZ[:, None], -np.inf)
+
+    # 3. the observed path: the label's own text along the source tokens actually used
+    lJ = last[J]
+    cum = np.concatenate(([0.0], np.cumsum(obs_lp)))
+    inner = np.where(lJ > hJ, cum[lJ] - cum[np.minimum(hJ + 1, lJ)], 0.0)  # tokens head+1 .. last-1
+    tp = tail_partial[J]
+    tail = np.where(lJ > hJ, obs_lp[lJ], 0.0)
+    if tp.any():
+        P = np.flatnonzero(tp)
+        tc = top[lJ[P]]  # [P, K]
+        L = b[J[P]] - s_st[lJ[P]]
+        rr, cc = np.nonzero(tc >= 0)
+        match = np.zeros(tc.shape, dtype=bool)
+        match[rr, cc] = prefix_match(surf, tc[rr, cc], tb, src.base + s_st[lJ[P]][rr], L[rr])
+        obs_in = (tc == obs[lJ[P]][:, None]).any(axis=1)
+        tail[P] = np.logaddexp(_logsumexp_rows(top_lp[lJ[P]], match), np.where(obs_in, -np.inf, obs_lp[lJ[P]]))
+    label_lp = obs_lp[hJ] - logZ + inner + tail
+
+    merged_ids, merged_lp = merge_entries(np.concatenate([tgt_id, tgt.ids[J][:, None]], axis=1),
+                                          np.concatenate([alt_lp, label_lp[:, None]], axis=1), k)
+    ids_out[J], lps_out[J] = merged_ids, merged_lp
+    kept = np.zeros(m)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        carried = np.exp(merged_lp.astype(np.float64)).sum(axis=1)
+        kept[J] = np.where(avail > 0, np.minimum(carried / avail, 1.0), 0.0)
+    one = np.zeros(m, dtype=bool)
+    one[J] = (dJ == 0) & (lJ == hJ) & (s_en[hJ] == b[J]) & src.exact[hJ]
+    if eot is not None and eot[1] is not None and 0 <= eot[1] < m and ok[eot[1]]:
+        one[eot[1]] = True
+    return Transfer(ids_out, lps_out, kept, ok, one)

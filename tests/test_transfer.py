@@ -1,0 +1,287 @@
+"""profuser.transfer: a teacher distribution at every covered target position.
+
+The vectorized `project` is checked against a slow, readable loop implementation of the rule in
+its docstring, over random Unicode text and every ordered pair of fixture tokenizers (and the real
+SmolLM2 tokenizer), with synthetic teacher rows; then for the properties the rule promises:
+coverage, chain-rule exactness on a byte-level teacher, mass never above 1, identical tokenizers.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from profuser.align import response_tokens, surfaces
+from profuser.transfer import project
+from profuser.vocab_map import pair_tables
+from text_strategies import FAMILIES, texts
+
+PROPS = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+K = 6
+
+
+@pytest.fixture(scope="module")
+def tables(toks):
+    """(first, by_byte) per ordered fixture pair, prefix mode."""
+    return {(a, b): pair_tables(toks[a], toks[b], "prefix") for a, b in itertools.product(FAMILIES, repeat=2)}
+
+
+def synthetic_rows(tok, ids: np.ndarray, seed: int, k: int = K, byte_probs=None, alternatives: bool = True):
+    """Teacher rows for source tokens `ids`: at each position the observed token (in the top-k or
+    not) and k-1 others, preferring tokens that share the observed token's first bytes (so that
+    conditioning on a token's first bytes has candidates to keep and to drop). With `byte_probs`
+    (a [256] distribution), every token's probability is the product of its bytes' probabilities:
+    a byte-level teacher whose token probabilities the chain rule must reproduce. Without
+    `alternatives`, a row holds the observed token only."""
+    rng = np.random.default_rng(seed)
+    s = surfaces(tok)
+    V = len(s.surfaces)
+    by_first = defaultdict(list)
+    for i, u in enumerate(s.surfaces):
+        if u and not s.special[i]:
+            by_first[u[:1]].append(i)
+    n = len(ids)
+    top = np.full((n, k), -1, dtype=np.int64)
+    lps = np.full((n, k), -np.inf)
+    obs_lp = np.zeros(n)
+
+    def logp(i):
+        if byte_probs is None:
+            return None
+        u = s.surfaces[i]
+        return float(np.log(byte_probs[np.frombuffer(u, dtype=np.uint8)]).sum()) if u else -30.0
+
+    for r, o in enumerate(ids):
+        near = by_first.get(s.surfaces[o][:1], [])
+        cands = list(rng.choice(near, size=min(len(near), 3), replace=False)) if near else []
+        cands += list(rng.integers(0, V, size=k))
+        cands = [int(c) for c in dict.fromkeys(cands) if c != o][:k - 1] if alternatives else []
+        if rng.random() < 0.8 or not alternatives:  # the observed token is in the top-k most of the time
+            cands = [int(o)] + cands
+        cands = cands[:k]
+        if byte_probs is None:
+            p = rng.dirichlet(np.ones(len(cands) + 1))[:len(cands)] * 0.95
+            vals = np.log(p)
+            obs = vals[cands.index(o)] if o in cands else math.log(rng.uniform(1e-4, 0.01))
+        else:
+            vals = np.array([logp(c) for c in cands])
+            obs = logp(int(o))
+        top[r, :len(cands)] = cands
+        lps[r, :len(cands)] = vals
+        obs_lp[r] = obs
+    return top, lps, obs_lp
+
+
+def reference(src, tgt, n_resp, s, first, by_byte, top, lps, obs_lp, k, eot=None):
+    """The rule of profuser.transfer, one position at a time with dicts (slow, readable)."""
+    t_index = {}
+    m = len(tgt.ids)
+    out_ids = np.full((m, k), -1, dtype=np.int64)
+    out_lp = np.full((m, k), -np.inf)
+    n = len(src.ids)
+    text = src.text.tobytes()
+
+    def covering(byte):
+        for i in range(n):
+            if src.starts[i] <= byte < src.ends[i]:
+                return i
+        return None
+
+    for j in range(m):
+        a, b = int(tgt.starts[j]), int(tgt.ends[j])
+        if eot is not None and eot[1] == j and eot[0] is not None:
+            i = last = eot[0]
+            d, tail_partial = 0, False
+        else:
+            if not (a >= 0 and b <= n_resp and b > a):
+                continue
+            i, last = covering(a), covering(b - 1)
+            if i is None or last is None or last < i:
+                continue
+            if any(src.starts[x + 1] != src.ends[x] for x in range(i, last)):
+                continue
+            d = a - int(src.starts[i])
+            tail_partial = src.ends[last] > b and last > i
+            if d > 0 and not src.exact[i]:
+                continue
+            if tail_partial and not src.exact[last]:
+                continue
+        row = [(int(c), float(v)) for c, v in zip(top[i], lps[i]) if c >= 0]
+        consumed = text[src.base + src.starts[i]: src.base + src.starts[i] + d]
+        cons = [(c, v) for c, v in row if c < len(s.surfaces) and s.surfaces[c].startswith(consumed)] if d else row
+        obs_in = any(c == src.ids[i] for c, _ in row)
+        Z = (sum(math.exp(v) for _, v in cons) + (0.0 if obs_in else math.exp(obs_lp[i]))) if d else 1.0
+        entries = defaultdict(float)
+        for c, v in cons:
+            if c == src.ids[i] or c >= len(s.surfaces) or len(s.surfaces[c]) <= d:
+                continue
+            if d and s.special[c]:
+                continue
+            tid = first[c] if d == 0 else by_byte[s.offsets[c] + d]
+            if tid >= 0:
+                entries[int(tid)] += math.exp(v) / Z
+        label = math.exp(obs_lp[i]) / Z
+        for x in range(i + 1, last):
+            label *= math.exp(obs_lp[x])
+        if last > i:
+            if tail_partial:
+                need = text[src.base + src.starts[last]: src.base + b]
+                tail_row = [(int(c), float(v)) for c, v in zip(top[last], lps[last]) if c >= 0]
+                mass = sum(math.exp(v) for c, v in tail_row if c < len(s.surfaces) and s.surfaces[c].startswith(need))
+                if not any(c == src.ids[last] for c, _ in tail_row):
+                    mass += math.exp(obs_lp[last])
+                label *= mass
+            else:
+                label *= math.exp(obs_lp[last])
+        entries[int(tgt.ids[j])] += label
+        best = sorted(((p, t) for t, p in entries.items() if p > 0), key=lambda x: (-x[0], x[1]))[:k]
+        for c, (p, t) in enumerate(best):
+            out_ids[j, c], out_lp[j, c] = t, math.log(p)
+    return out_ids, out_lp
+
+
+def _sides(src_tok, tgt_tok, text):
+    return response_tokens(src_tok, text, 0, text), response_tokens(tgt_tok, text, 0, text)
+
+
+@PROPS
+@given(text=texts, seed=st.integers(0, 2**16))
+def test_vectorized_rule_equals_the_reference_loop(toks, tables, text, seed):
+    n_resp = len(text.encode("utf-8"))
+    for a, b in itertools.product(FAMILIES, repeat=2):
+        src, tgt = _sides(toks[a], toks[b], text)
+        first, by_byte = tables[(a, b)]
+        top, lps, obs = synthetic_rows(toks[a], src.ids, seed)
+        got = project(src, tgt, n_resp, surfaces(toks[a]), first, by_byte, top, lps, obs, K)
+        want_ids, want_lp = reference(src, tgt, n_resp, surfaces(toks[a]), first, by_byte, top, lps, obs, K)
+        np.testing.assert_array_equal(got.ids, want_ids, err_msg=f"{a}->{b} {text!r}")
+        np.testing.assert_allclose(got.logprobs, want_lp, rtol=1e-5, atol=1e-5)
+        # what a position carries is a (sub-)probability distribution
+        mass = np.exp(np.where(got.ids >= 0, got.logprobs, -np.inf).astype(np.float64)).sum(axis=1)
+        assert (mass <= 1 + 1e-5).all()
+
+
+@PROPS
+@given(text=texts, seed=st.integers(0, 2**16))
+def test_every_covered_target_position_gets_a_distribution(toks, tables, text, seed):
+    """Coverage: a target position whose bytes are tiled by source tokens, with byte-exact tokens
+    wherever a token is only partly inside it, gets a distribution holding its own label."""
+    tb = text.encode("utf-8")
+    for a, b in itertools.product(FAMILIES, repeat=2):
+        src, tgt = _sides(toks[a], toks[b], text)
+        first, by_byte = tables[(a, b)]
+        top, lps, obs = synthetic_rows(toks[a], src.ids, seed)
+        got = project(src, tgt, len(tb), surfaces(toks[a]), first, by_byte, top, lps, obs, K)
+        for j in range(len(tgt.ids)):
+            x0, x1 = int(tgt.starts[j]), int(tgt.ends[j])
+            inside = [i for i in range(len(src.ids)) if src.starts[i] < x1 and src.ends[i] > x0]
+            if x1 <= x0 or not inside:
+                continue
+            tiles = all(src.starts[p + 1] == src.ends[p] for p in inside[:-1]) and \
+                src.starts[inside[0]] <= x0 and src.ends[inside[-1]] >= x1
+            partial_ok = all(src.exact[i] for i in inside if src.starts[i] < x0 or (src.ends[i] > x1 and i != inside[0]))
+            if tiles and partial_ok:
+                assert got.covered[j] and tgt.ids[j] in got.ids[j], (a, b, text, j)
+
+
+def test_coverage_on_real_text_is_nearly_complete(toks, tables, smollm2_tok):
+    """On ordinary prose every target position is covered for every fixture pair and SmolLM2."""
+    text = ("Sure! Here's a short answer: the café opened in 1998 — naïve readers “love” it.\n\n"
+            "1. First, preheat the oven to 180°C.\n2. Then mix 2,500 g of flour 😀 and 中文 text.")
+    n = len(text.encode())
+    pairs = list(itertools.product(FAMILIES, repeat=2))
+    pairs += [(f, "smollm2") for f in FAMILIES] + [("smollm2", f) for f in FAMILIES]
+    all_toks = {**toks, "smollm2": smollm2_tok}
+    for a, b in pairs:
+        first, by_byte = tables[(a, b)] if (a, b) in tables else pair_tables(all_toks[a], all_toks[b], "prefix")
+        src, tgt = _sides(all_toks[a], all_toks[b], text)
+        top, lps, obs = synthetic_rows(all_toks[a], src.ids, 0)
+        got = project(src, tgt, n, surfaces(all_toks[a]), first, by_byte, top, lps, obs, K)
+        share = got.covered.mean()
+        one = got.one_to_one.mean()
+        assert share >= (0.97 if "gemma_unigram" in (a, b) else 1.0), (a, b, share)  # NFKC: "°" "—" rewritten
+        assert share >= one  # never less than the 1:1 rule
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(text=st.text(st.characters(codec="ascii", exclude_categories=("Cc",)), min_size=1, max_size=40),
+       seed=st.integers(0, 2**16))
+def test_chain_rule_reproduces_a_byte_level_teacher(toks, tables, text, seed):
+    """With a teacher whose token probabilities are products of per-byte probabilities (rows holding
+    only the observed token, so no alternative adds to the label), a target token made of whole
+    source tokens gets exactly the product over its own bytes."""
+    rng = np.random.default_rng(seed)
+    byte_probs = rng.dirichlet(np.ones(256) * 0.3)
+    byte_probs = np.clip(byte_probs, 1e-6, None)
+    n = len(text.encode())
+    checked = 0
+    for a, b in itertools.permutations(FAMILIES, 2):
+        src, tgt = _sides(toks[a], toks[b], text)
+        first, by_byte = tables[(a, b)]
+        top, lps, obs = synthetic_rows(toks[a], src.ids, seed, byte_probs=byte_probs, alternatives=False)
+        got = project(src, tgt, n, surfaces(toks[a]), first, by_byte, top, lps, obs, K)
+        starts, ends = set(src.starts.tolist()), set(src.ends.tolist())
+        for j in np.flatnonzero(got.covered):
+            x0, x1 = int(tgt.starts[j]), int(tgt.ends[j])
+            whole = [i for i in range(len(src.ids)) if src.starts[i] >= x0 and src.ends[i] <= x1]
+            if x0 not in starts or x1 not in ends or not whole or not all(src.exact[i] for i in whole):
+                continue
+            want = float(np.log(byte_probs[np.frombuffer(src.text.tobytes()[src.base + x0:src.base + x1],
+                                                          dtype=np.uint8)]).sum())
+            hit = got.ids[j] == tgt.ids[j]
+            assert hit.sum() == 1 and got.ids[j][1] == -1
+            assert abs(float(got.logprobs[j][hit][0]) - want) < 1e-5 * max(1.0, abs(want)), (a, b, text, j)
+            checked += 1
+    assert checked > 0 or not text.strip()
+
+
+def test_identical_tokenizers_keep_every_entry(toks, tables):
+    text = "The quick brown fox jumps over the lazy dog. Café 😀 42."
+    n = len(text.encode())
+    src, tgt = _sides(toks["chatml_bpe"], toks["target"], text)
+    first, by_byte = tables[("chatml_bpe", "chatml_bpe")]
+    top, lps, obs = synthetic_rows(toks["chatml_bpe"], src.ids, 3)
+    got = project(src, tgt, n, surfaces(toks["chatml_bpe"]), first, by_byte, top, lps, obs, K)
+    assert got.covered.all() and got.one_to_one.all() and np.allclose(got.kept, 1.0)
+    for j in range(len(tgt.ids)):
+        row = {int(c): float(v) for c, v in zip(top[j], lps[j]) if c >= 0}
+        row.setdefault(int(src.ids[j]), float(obs[j]))
+        best = dict(sorted(row.items(), key=lambda x: (-x[1], x[0]))[:K])
+        assert {int(c): pytest.approx(float(v), abs=1e-6) for c, v in zip(got.ids[j], got.logprobs[j]) if c >= 0} == best
+
+
+def test_conditioning_inside_a_source_token_hand_example(toks):
+    """A target that splits ` the` as ` th` + `e` against a source holding ` the` as one token: the
+    target's ` th` gets the mass of every source candidate that starts with it, and its `e` is
+    predicted from the same source row conditioned on the bytes ` th` already seen."""
+    from profuser.align import ResponseTokens
+
+    src_tok, tgt_tok = toks["vicuna_spm"], toks["gemma_unigram"]
+    s, t = surfaces(src_tok), surfaces(tgt_tok)
+    sid = {u: i for i, u in enumerate(s.surfaces) if u and not s.special[i]}
+    tid = {u: i for i, u in enumerate(t.surfaces) if u and not t.special[i]}
+    tb = np.frombuffer(b" the", dtype=np.uint8)
+    src = ResponseTokens(np.array([sid[b" the"]]), np.array([0]), np.array([4]), np.array([True]), tb, 0)
+    tgt = ResponseTokens(np.array([tid[b" th"], tid[b"e"]]), np.array([0, 3]), np.array([3, 4]),
+                         np.array([True, True]), tb, 0)
+    first, by_byte = pair_tables(src_tok, tgt_tok, "prefix")
+    top = np.array([[sid[b" the"], sid[b" an"], sid[b" a"], -1]])
+    lps = np.log(np.array([[0.5, 0.2, 0.3, 1.0]]))
+    got = project(src, tgt, 4, s, first, by_byte, top, lps, np.log([0.5]), 4)
+    e0 = {t.surfaces[int(c)]: math.exp(v) for c, v in zip(got.ids[0], got.logprobs[0]) if c >= 0}
+    # ` the` is the observed path through ` th`; ` an` and ` a` are whole target tokens
+    assert e0 == {b" th": pytest.approx(0.5), b" an": pytest.approx(0.2), b" a": pytest.approx(0.3)}
+    # `e`: of the candidates, only ` the` starts with ` th` (Z = 0.5): all of it goes to `e`
+    e1 = {t.surfaces[int(c)]: math.exp(v) for c, v in zip(got.ids[1], got.logprobs[1]) if c >= 0}
+    assert e1 == {b"e": pytest.approx(1.0)}
+    assert got.covered.all() and not got.one_to_one.any()
+    # the observed token outside the stored top-k still counts in the conditioning
+    top2 = np.array([[sid[b" an"], sid[b" a"], -1, -1]])
+    got = project(src, tgt, 4, s, first, by_byte, top2, np.log([[0.2, 0.3, 1, 1]]), np.log([0.5]), 4)
+    assert {t.surfaces[int(c)]: math.exp(v) for c, v in zip(got.ids[1], got.logprobs[1]) if c >= 0} == {
+        b"e": pytest.approx(1.0)}
