@@ -194,6 +194,11 @@ def cmd_eval(args) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides, check_paths=False)
+        if not getattr(args, "skip_check", False):
+            from profuser.check import preflight
+
+            if not preflight(cfg, "eval", model=args.model):
+                return 1
         r = evaluate(cfg, args.model, args.out, compare_sources=not args.no_compare)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
