@@ -200,6 +200,15 @@ def content_id(messages: list[dict], reference: str) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
+def _check_encodable(obj) -> None:
+    """JSON's \\ud800 escapes give strings that no file, tokenizer or Arrow column can hold."""
+    try:
+        json.dumps(obj, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Reject("invalid_unicode", f"a lone UTF-16 surrogate ({e.object[e.start:e.end]!r}) in the row's text; "
+                     "it is not a character and cannot be encoded") from None
+
+
 def normalize_row(row: object, fmt: str = "auto") -> dict:
     if isinstance(row, Reject):
         raise row
@@ -208,6 +217,7 @@ def normalize_row(row: object, fmt: str = "auto") -> dict:
     use = detect_format(row) if fmt == "auto" else fmt
     turns, meta = to_turns(row, use)
     check_turns(turns)
+    _check_encodable(turns)
     messages, reference = turns[:-1], turns[-1]["content"]
     rid = row.get("id")
     if rid is None or rid == "":
@@ -216,11 +226,7 @@ def normalize_row(row: object, fmt: str = "auto") -> dict:
         raise Reject("bad_id", f"id {rid!r} must be a string or integer")
     meta = json.loads(json.dumps(meta, default=str))  # JSON-safe (HF rows may hold numpy/datetime)
     rec = {"id": str(rid), "messages": messages, "reference": reference, "meta": meta}
-    try:  # JSON's \ud800 escapes give strings that no file, tokenizer or Arrow column can hold
-        json.dumps(rec, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise Reject("invalid_unicode", f"a lone UTF-16 surrogate ({e.object[e.start:e.end]!r}) in the row's text; "
-                     "it is not a character and cannot be encoded") from None
+    _check_encodable(rec)
     return rec
 
 

@@ -150,6 +150,11 @@ def load_model(spec: ModelConfig, auto_class: str = "AutoModelForCausalLM", devi
                 raise ModelLoadError(f"{spec.name}: {e}") from e
             last = e
             log.info("%s: attention %s unavailable (%s); trying the next", spec.name, impl, e)
+        except Exception as e:  # noqa: BLE001 — name the damaged file when that is what failed
+            problems = weight_problems(spec.path, spec.allow_pickle)
+            if problems:
+                raise ModelLoadError(f"{spec.name}: cannot load {spec.path!r}: {'; '.join(problems)}") from e
+            raise
     else:
         raise ModelLoadError(f"{spec.name}: could not load {spec.path!r}: {last}") from last
     impl = getattr(model.config, "_attn_implementation", impl)

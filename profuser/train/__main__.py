@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from profuser.config import ConfigError, load_config
+    from profuser.models import ModelLoadError
+    from profuser.train.checkpoint import CheckpointError
     from profuser.train.dataset import TrainingSetError
     from profuser.train.run import train
 
@@ -54,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
         train(cfg, data=args.data)
     except TrainingSetError as e:
         print(f"training set error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except ModelLoadError as e:
+        print(f"model error: {e}", file=sys.stderr)
         return 2
     return 0
 
