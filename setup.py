@@ -13,13 +13,14 @@ setup(
     package_data={"profuser": ["resources/*.txt"]},
     # Ranges that the CPU build torch 2.13.0 satisfies, so installing never replaces a user's torch.
     # The lower bounds of transformers, datasets, deepspeed and accelerate are tested by
-    # launch/floor.sh (CI): transformers 5.20 is the first whose Trainer takes loss_is_scaled_for_ga
+    # launch/floor.sh (CI): transformers 5.19 is the first whose Trainer takes loss_is_scaled_for_ga
     # (the fusion loss is normalized over the whole accumulated batch), accelerate 1.3 the first with
-    # unwrap_model(keep_torch_compile=...), which that Trainer calls. torch, tokenizers and
-    # safetensors floors are what transformers 5.20 itself requires (only torch 2.13 is tested).
+    # unwrap_model(keep_torch_compile=...), which that Trainer calls. tokenizers and safetensors
+    # floors are what transformers 5.19 itself requires; torch is tested at 2.13 only (the floor is
+    # the one recent transformers releases ask for).
     install_requires=[
         "torch>=2.6,<2.14",
-        "transformers>=5.20.0,<6",
+        "transformers>=5.19.0,<6",
         "tokenizers>=0.23.1",
         "datasets>=4.0.0",
         "deepspeed>=0.17.0,<0.20",

@@ -263,7 +263,7 @@ def test_unusable_teacher_rows_are_rejected_and_the_set_still_loads(prepped, bas
     sample with none; an empty build shard still loads with datasets and the trainer's reader."""
     import datasets
 
-    from profuser.prep.shards import write_parquet
+    from profuser.prep.shards import shard_identity, write_parquet
     from profuser.train.dataset import FusionDataset
 
     run = tmp_path / "run"
@@ -276,6 +276,8 @@ def test_unusable_teacher_rows_are_rejected_and_the_set_still_loads(prepped, bas
                 tok = [[x + 1 for x in ids] for ids in t["token_ids"].to_pylist()]
                 write_parquet(path, t.set_column(t.schema.get_field_index("token_ids"), "token_ids",
                                                  pa.array(tok, pa.list_(pa.int32()))))
+                side = path.with_suffix(".json")  # as if the teacher had written them (else: a damaged shard, redone)
+                side.write_text(json.dumps({**json.loads(side.read_text()), "file": shard_identity(path)}))
     d = {**base_dict, "run_dir": str(run), "wandb": {"enabled": False}}
     run_prep(parse_config(d), ["align", "build"])
     ids = [r["id"] for r in part_table(run, "normalize", "records").to_pylist()]

@@ -240,3 +240,25 @@ def test_eval_preflight_needs_the_held_out_set(tiny_config, tmp_path, capsys):
     assert main(["eval", _write(tiny_config, tmp_path), "--model", "target"]) == 1
     err = capsys.readouterr().err
     assert "[preflight] eval: NOT READY" in err and "data.eval_path: not set" in err
+
+
+def test_a_scorer_failing_its_whole_first_batch_stops_at_once():
+    from profuser.config import ScorerConfig
+    from profuser.prep.score import RuleScorer, ScorerError, score_safely
+
+    calls = []
+
+    def broken(record, response):
+        calls.append(record["id"])
+        raise KeyError("answer")
+
+    scorer = RuleScorer(ScorerConfig(type="rule", name="broken", function="profuser.rules:exact_match", batch_size=4))
+    scorer.fn = broken
+    recs = [{"id": f"r{i}", "messages": [], "reference": "x"} for i in range(40)]
+    with pytest.raises(ScorerError, match="failed on all 4 items of its first batch, e.g. KeyError: 'answer'"):
+        score_safely(scorer, recs, ["y"] * 40)
+    assert len(calls) <= 8  # the batch, then each item once: not the 40 records
+    # a scorer failing on some records only: those become error strings (rejects), the rest score
+    scorer.fn = lambda r, s: 1.0 if r["id"] != "r1" else 1 / 0
+    out = score_safely(scorer, recs, ["y"] * 40)
+    assert out[0] == 1.0 and out[1] == "ZeroDivisionError: division by zero" and out[2:] == [1.0] * 38

@@ -44,7 +44,7 @@ def test_check_prep_train_load(tiny_suite, tmp_path):
     port = free_port()
     try:
         _run([py, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-              "--module", "profuser.train", str(cfg)])
+              "--module", "profuser.train", str(cfg)], timeout=900)  # a fresh venv JIT-builds DeepSpeed's CPU op first
     finally:
         remove_shm_buffers(port)
     from transformers import AutoModelForCausalLM, AutoTokenizer
