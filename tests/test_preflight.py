@@ -262,3 +262,12 @@ def test_a_scorer_failing_its_whole_first_batch_stops_at_once():
     scorer.fn = lambda r, s: 1.0 if r["id"] != "r1" else 1 / 0
     out = score_safely(scorer, recs, ["y"] * 40)
     assert out[0] == 1.0 and out[1] == "ZeroDivisionError: division by zero" and out[2:] == [1.0] * 38
+
+
+def test_trim_metrics_keeps_each_step_once(tmp_path):
+    from profuser.train.run import trim_metrics
+
+    m = tmp_path / "metrics.jsonl"
+    m.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    trim_metrics(m, 2)
+    assert [json.loads(x)["step"] for x in m.read_text().splitlines()] == [1, 2]

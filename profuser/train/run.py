@@ -66,8 +66,13 @@ def trim_metrics(path: Path, step: int) -> None:
         return
     import json
 
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except ValueError:  # a line cut short by the kill
+            return float("inf")
+
+    keep = [line for line in path.read_text().splitlines() if line.strip() and step_of(line) <= step]
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
