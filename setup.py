@@ -12,17 +12,23 @@ setup(
     packages=find_packages(include=["profuser", "profuser.*"]),
     package_data={"profuser": ["resources/*.txt"]},
     # Ranges that the CPU build torch 2.13.0 satisfies, so installing never replaces a user's torch.
+    # The lower bounds of transformers, datasets, deepspeed and accelerate are tested by
+    # launch/floor.sh (CI): transformers 5.19 is the first whose Trainer takes loss_is_scaled_for_ga
+    # (the fusion loss is normalized over the whole accumulated batch), accelerate 1.3 the first with
+    # unwrap_model(keep_torch_compile=...), which that Trainer calls. tokenizers and safetensors
+    # floors are what transformers 5.19 itself requires; torch is tested at 2.13 only (the floor is
+    # the one recent transformers releases ask for).
     install_requires=[
-        "torch>=2.4,<2.14",
-        "transformers>=5.0,<6",
-        "tokenizers>=0.21",
-        "datasets>=4.0",
-        "deepspeed>=0.17,<0.20",
+        "torch>=2.6,<2.14",
+        "transformers>=5.19.0,<6",
+        "tokenizers>=0.23.1",
+        "datasets>=4.0.0",
+        "deepspeed>=0.17.0,<0.20",
         "wandb>=0.19",
         "PyYAML>=6.0",
         "numpy>=1.26",
-        "safetensors>=0.4",
-        "accelerate>=1.0",
+        "safetensors>=0.8",
+        "accelerate>=1.3.0",
         "tqdm>=4.66",
         "jinja2>=3.1",
         "gguf>=0.10",

@@ -14,6 +14,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="Override config values, e.g. train.learning_rate=2e-5 sources.0.path=/models/x")
 
 
+def add_skip_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-check", action="store_true",
+                   help="Start without the preflight (the checks of `profuser check`), e.g. when you know better.")
+
+
 def cmd_check(args) -> int:
     from profuser.check import run_check
 
@@ -22,7 +27,13 @@ def cmd_check(args) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    rep = run_check(cfg, load_weights=args.load_weights)
+    try:
+        rep = run_check(cfg, load_weights=args.load_weights)
+    except Exception as e:  # noqa: BLE001 — a check never ends in a traceback; this is a bug to report
+        logging.getLogger("profuser").debug("check failed", exc_info=True)
+        print(f"check error: the check itself failed ({type(e).__name__}: {e}); please report it "
+              "(-v shows the traceback)", file=sys.stderr)
+        return 1
     if rep.ok:
         rep.add(f"resolved config written to {save_resolved(cfg)}")
     print(rep.text())
@@ -45,15 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     from profuser.prep.run import STAGE_NAMES, cmd_prep
+    from profuser.train.__main__ import IntermixedParser
 
     p = sub.add_parser("prep", help="Teacher-signal data prep: normalize, generate, score, teacher.",
                        description="Run the data-prep stages (" + ", ".join(STAGE_NAMES) + ") in order, skipping "
                                    "finished ones and resuming interrupted ones; outputs go to RUN_DIR/prep/. Under "
                                    "the deepspeed or torchrun launcher the shards are split across the processes "
                                    "(launch/prep.sh).")
+    p.__class__ = IntermixedParser  # overrides may also follow --stage NAME
     _add_config_args(p)
     p.add_argument("--stage", choices=STAGE_NAMES, default=None,
                    help="Run only this stage (its inputs must be complete). Default: all stages.")
+    add_skip_check(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from launchers
     p.set_defaults(func=cmd_prep)
 
@@ -64,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "section; one process here, or N per node under `deepspeed --module "
                                    "profuser.train` / launch/train.sh. Resumes from the last complete checkpoint.")
     add_train_arguments(p)
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train)  # (--skip-check is among the train arguments)
 
     from profuser.evaluate import cmd_eval
 
@@ -78,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A trained model directory (e.g. RUN_DIR/train/final) or a source/target name from the config.")
     p.add_argument("--out", default=None, help="results.json path (default: RUN_DIR/eval/<model>/results.json).")
     p.add_argument("--no-compare", action="store_true", help="Skip the win rates against the sources.")
+    add_skip_check(p)
     p.set_defaults(func=cmd_eval)
 
     from profuser.report import cmd_report

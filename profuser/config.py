@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,16 @@ import yaml
 
 class ConfigError(ValueError):
     """A config value is unusable; the message names the key, the value and what is allowed."""
+
+
+# Model and scorer names become folder and file names (RUN_DIR/prep/<stage>/<name>/...): a safe identifier.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def _default_name(path: str) -> str:
+    p = Path(path)
+    raw = p.stem if p.suffix == ".gguf" else p.name
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", raw).lstrip("._-")[:100] or "model"
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, **checks: Any):
@@ -64,8 +76,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if not self.name and self.path:
-            p = Path(self.path)
-            self.name = p.stem if p.suffix == ".gguf" else p.name
+            self.name = _default_name(self.path)
 
 
 @dataclass
@@ -107,6 +118,12 @@ class DataConfig:
         help="What to do with a sample over max_length: drop prompt tokens from the left, or reject it.",
     )
     limit: Optional[int] = _f(None, help="Use only the first N rows (smoke runs).", ge=1)
+    special_tokens: Literal["escape", "reject"] = _f(
+        "escape",
+        help="Message text that spells a model's special token (e.g. '<|im_end|>'): escape = insert a zero-width "
+        "space after its first character so it stays plain text (counted in the normalize manifest); reject = "
+        "reject the row (kind special_token). Never turned into a control token.",
+    )
 
 
 @dataclass
@@ -291,9 +308,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):
         try:  # PyYAML reads `2e-5` (no dot) as a string; accept what Python reads as a float
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp in (int, float) and isinstance(value, bool):
@@ -337,6 +356,11 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 def _semantic_checks(cfg: RunConfig) -> None:
     if not cfg.sources:
         raise ConfigError("sources: [] — at least one source model is required")
+    for key, m in [*((f"sources.{i}", m) for i, m in enumerate(cfg.sources)), ("target", cfg.target),
+                   *((f"scorers.{i}", s) for i, s in enumerate(cfg.scorers))]:
+        if not NAME_RE.match(m.name):
+            raise ConfigError(f"{key}.name: {m.name!r} is not allowed; a name becomes a folder name, so use letters, "
+                              "digits, '_', '-' and '.' (starting with a letter or digit, at most 100)")
     names = [m.name for m in cfg.sources]
     dup = {n for n in names if names.count(n) > 1}
     if dup:

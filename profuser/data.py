@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,8 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, object]]:
 def _read_jsonl(p: Path):
     with open(p, "rb") as f:
         for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark (editors on Windows write one) is not row 1's text
             if not raw.strip():
                 continue  # blank lines are not rows
             try:
@@ -78,7 +81,7 @@ def _read_jsonl(p: Path):
 
 def _read_json(p: Path):
     try:
-        data = json.loads(p.read_bytes().decode("utf-8"))
+        data = json.loads(p.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise ValueError(f"{p}: invalid UTF-8 at byte {e.start}; a .json file must be valid UTF-8 as a whole "
                          "(use JSONL to keep the good rows)") from None
@@ -95,7 +98,11 @@ def _read_json(p: Path):
 def _read_hf(p: Path):
     import datasets
 
-    ds = datasets.load_from_disk(str(p))
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise ValueError(f"{p}: a directory must be a dataset saved by datasets' save_to_disk "
+                         f"({type(e).__name__}: {e}); or point data.path at a .jsonl or .json file") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise ValueError(f"{p}: a DatasetDict without a 'train' split ({list(ds)}); point data.path at one split")
@@ -193,6 +200,15 @@ def content_id(messages: list[dict], reference: str) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
+def _check_encodable(obj) -> None:
+    """JSON's \\ud800 escapes give strings that no file, tokenizer or Arrow column can hold."""
+    try:
+        json.dumps(obj, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Reject("invalid_unicode", f"a lone UTF-16 surrogate ({e.object[e.start:e.end]!r}) in the row's text; "
+                     "it is not a character and cannot be encoded") from None
+
+
 def normalize_row(row: object, fmt: str = "auto") -> dict:
     if isinstance(row, Reject):
         raise row
@@ -201,6 +217,7 @@ def normalize_row(row: object, fmt: str = "auto") -> dict:
     use = detect_format(row) if fmt == "auto" else fmt
     turns, meta = to_turns(row, use)
     check_turns(turns)
+    _check_encodable(turns)
     messages, reference = turns[:-1], turns[-1]["content"]
     rid = row.get("id")
     if rid is None or rid == "":
@@ -208,7 +225,47 @@ def normalize_row(row: object, fmt: str = "auto") -> dict:
     elif not isinstance(rid, (str, int)) or isinstance(rid, bool):
         raise Reject("bad_id", f"id {rid!r} must be a string or integer")
     meta = json.loads(json.dumps(meta, default=str))  # JSON-safe (HF rows may hold numpy/datetime)
-    return {"id": str(rid), "messages": messages, "reference": reference, "meta": meta}
+    rec = {"id": str(rid), "messages": messages, "reference": reference, "meta": meta}
+    _check_encodable(rec)
+    return rec
+
+
+# --------------------------------------------------------------------------------------------
+# special-token strings in message text
+
+
+ZWSP = "\u200b"
+
+
+def special_strings(tokenizer) -> set[str]:
+    """The text of every special or added token of a tokenizer: the strings a tokenizer turns into a
+    control token wherever they appear in the text it is given."""
+    out = {t for t in getattr(tokenizer, "all_special_tokens", []) if isinstance(t, str)}
+    for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        content = getattr(tok, "content", None)
+        if content:
+            out.add(content)
+    return {t for t in out if len(t) > 1 and not t.isspace()}
+
+
+def guard_special_tokens(rec: dict, strings: set[str], policy: str) -> bool:
+    """Keep special-token strings in a record's text (prompt turns and reference) plain text: policy
+    "escape" inserts a zero-width space after the first character of each occurrence (in place;
+    returns True if it changed something); "reject" raises Reject("special_token")."""
+    if not strings:
+        return False
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(strings, key=len, reverse=True)))
+    texts = [m["content"] for m in rec["messages"]] + [rec["reference"]]
+    found = sorted({m.group(0) for t in texts for m in pattern.finditer(t)})
+    if not found:
+        return False
+    if policy == "reject":
+        raise Reject("special_token", f"the text contains the special token string(s) {found}, which the tokenizer "
+                     "would read as control tokens (data.special_tokens=reject; 'escape' keeps such rows)")
+    esc = lambda t: pattern.sub(lambda m: m.group(0)[0] + ZWSP + m.group(0)[1:], t)  # noqa: E731
+    rec["messages"] = [{**m, "content": esc(m["content"])} for m in rec["messages"]]
+    rec["reference"] = esc(rec["reference"])
+    return True
 
 
 LengthCheck = Callable[[dict], Optional[str]]  # record -> None (fits) or "truncated" ; raises Reject
@@ -267,6 +324,9 @@ def make_length_check(tokenizer, template: str, max_length: int, overlength: str
         except OverLength as e:
             counter["rejected"] += 1
             raise Reject("over_length", f"{e} (data.overlength={overlength})") from None
+        except Exception as e:  # noqa: BLE001 — a template that cannot render this record
+            counter["rejected"] += 1
+            raise Reject("template_error", f"{type(e).__name__}: {e}") from None
         counter["truncated" if enc.truncated else "fits"] += 1
 
     return check

@@ -154,7 +154,7 @@ def evaluate(cfg: RunConfig, model: str, out: Optional[str] = None, compare_sour
     result["samples"] = [{"id": r["id"], "skill": sk, "response": s, "reference": r["reference"]}
                          for r, sk, s in zip(records[:20], skills, responses)]
     if cfg.eval.lm_eval_tasks:
-        result["lm_eval"] = run_lm_eval(spec.path, cfg.eval.lm_eval_tasks)
+        result["lm_eval"] = run_lm_eval(spec.path, cfg.eval.lm_eval_tasks, spec.allow_pickle)
     path = Path(out) if out else Path(cfg.run_dir) / "eval" / spec.name / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
@@ -166,11 +166,14 @@ def _num(v) -> float:
     return float("nan") if isinstance(v, str) else float(v)
 
 
-def run_lm_eval(path: str, tasks: list[str]) -> dict:
+def run_lm_eval(path: str, tasks: list[str], allow_pickle: bool = False) -> dict:
+    from profuser.models import check_no_pickle
+
     try:
         import lm_eval
     except ImportError:
         raise ConfigError("eval.lm_eval_tasks is set but lm-eval is not installed: pip install 'profuser[eval]'") from None
+    check_no_pickle(path, allow_pickle, Path(path).name)  # lm-eval's HF loader would read pickled weights
     res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path}", tasks=list(tasks))
     return res.get("results", {})
 
@@ -191,13 +194,23 @@ def cmd_eval(args) -> int:
     import sys
 
     from profuser.config import load_config
+    from profuser.models import ModelLoadError
+    from profuser.prep.stages import PrepError
 
     try:
         cfg = load_config(args.config, args.overrides, check_paths=False)
+        if not getattr(args, "skip_check", False):
+            from profuser.check import preflight
+
+            if not preflight(cfg, "eval", model=args.model):
+                return 1
         r = evaluate(cfg, args.model, args.out, compare_sources=not args.no_compare)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (ModelLoadError, PrepError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(format_results(r))
     print(f"results written to {r['results_path']}")
     return 0

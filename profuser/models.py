@@ -183,6 +183,11 @@ def load_model(spec: ModelConfig, auto_class: str = "AutoModelForCausalLM", devi
                 raise ModelLoadError(f"{spec.name}: {e}") from e
             last = e
             log.info("%s: attention %s unavailable (%s); trying the next", spec.name, impl, e)
+        except Exception as e:  # noqa: BLE001 — name the damaged file when that is what failed
+            problems = weight_problems(spec.path, spec.allow_pickle)
+            if problems:
+                raise ModelLoadError(f"{spec.name}: cannot load {spec.path!r}: {'; '.join(problems)}") from e
+            raise
     else:
         raise ModelLoadError(f"{spec.name}: could not load {spec.path!r}: {last}") from last
     impl = getattr(model.config, "_attn_implementation", impl)
@@ -191,6 +196,129 @@ def load_model(spec: ModelConfig, auto_class: str = "AutoModelForCausalLM", devi
         model.to(device)
         model.eval()
     return model, impl
+
+
+def check_no_pickle(path: str, allow_pickle: bool, name: str) -> None:
+    """For loaders outside `load_model` (sentence-transformers, vLLM, lm-eval): refuse a directory
+    (or any of its sub-folders, as sentence-transformers modules) whose weights are pickles only."""
+    p = Path(path)
+    if allow_pickle or not p.is_dir():
+        return
+    for d in [p, *(x for x in p.rglob("*") if x.is_dir() and not x.name.startswith("."))]:
+        _check_no_pickle(str(d), ModelConfig(path=str(d), name=name, allow_pickle=allow_pickle))
+
+
+# --------------------------------------------------------------------------------------------
+# weight files readable without loading them
+
+
+def _safetensors_problem(f: Path) -> Optional[str]:
+    """None when a .safetensors file's header parses and its size is what the header says."""
+    import json
+    import struct
+
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{f}: truncated ({size} bytes; not even a safetensors header)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"{f}: truncated ({size} bytes; its header alone claims {n + 8})"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"{f}: not a readable safetensors file ({type(e).__name__}: {e})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        return f"{f}: truncated or damaged ({size} bytes; its header says {8 + n + end})"
+    return None
+
+
+def weight_problems(path: str, allow_pickle: bool = False) -> list[str]:
+    """What makes a model's weights unreadable, found without loading them: safetensors headers and
+    sizes, a sharded index naming missing files, a GGUF that does not parse, pickles only."""
+    import json
+
+    p = Path(path)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            return [f"{path}: GGUF file does not exist"]
+        try:
+            from gguf import GGUFReader
+
+            reader = GGUFReader(str(p))
+            if "general.architecture" not in reader.fields:
+                return [f"{path}: GGUF without general.architecture"]
+        except Exception as e:  # noqa: BLE001 — any parse failure is a damaged file
+            return [f"{path}: not a readable GGUF file ({type(e).__name__}: {e})"]
+        return []
+    if not p.is_dir():
+        return [f"{path}: neither a directory nor a .gguf file"]
+    files = sorted(x for x in p.iterdir() if x.is_file())
+    safe = [f for f in files if f.suffix == ".safetensors"]
+    problems = [x for f in safe for x in [_safetensors_problem(f)] if x]
+    for index in p.glob("*.index.json"):
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError) as e:
+            problems.append(f"{index}: unreadable shard index ({type(e).__name__}: {e})")
+            continue
+        problems += [f"{index}: names {n!r}, which is missing" for n in sorted(names) if not (p / n).exists()]
+    pickled = [f.name for f in files if f.name.endswith(_PICKLE_SUFFIXES)]
+    if not safe and not pickled:
+        problems.append(f"{path}: no weight files (*.safetensors)")
+    elif not safe and not allow_pickle:
+        problems.append(f"{path}: only pickled weights ({', '.join(pickled[:3])}); unpickling can run arbitrary code — "
+                        "convert them to safetensors, or set allow_pickle: true for this model if you trust the files")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# a GGUF target made trainable
+
+
+def trainable_dir(spec: ModelConfig, root: str | Path) -> Path:
+    """Where a GGUF model's dequantized copy lives: root/<name>-<content hash of the GGUF>."""
+    from profuser.prep.shards import fingerprint
+
+    return Path(root) / f"{spec.name}-{fingerprint(spec.path).split(':', 1)[1][:12]}"
+
+
+def dequantize_gguf(spec: ModelConfig, root: str | Path) -> ModelConfig:
+    """A GGUF model as a trainable one: transformers dequantizes a GGUF's weights but keeps a GGUF
+    "quantizer" on the model, so the Trainer refuses it ("purely quantized") and save_pretrained
+    fails. The dequantized weights (float32) and the tokenizer are written once, atomically, as a
+    safetensors directory under `root` (keyed by the GGUF's content), which the returned spec
+    loads like any local model. A spec that is not a GGUF comes back unchanged."""
+    import dataclasses
+    import shutil
+
+    import torch
+
+    if Path(spec.path).suffix != ".gguf":
+        return spec
+    out = trainable_dir(spec, root)
+    if not (out / "config.json").exists():
+        log.info("%s: writing the GGUF's dequantized weights once as safetensors to %s", spec.name, out)
+        model, _ = load_model(spec, device="cpu", dtype=torch.float32, place=False)
+        tok = load_tokenizer(spec)
+        model.hf_quantizer = None  # the weights are plain float tensors already
+        if hasattr(model, "is_quantized") and not isinstance(getattr(type(model), "is_quantized", None), property):
+            model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        del model
+    return dataclasses.replace(spec, path=str(out), tokenizer=None)
 
 
 def load_chat_model(spec: ModelConfig, device: Optional[str] = None) -> ChatModel:

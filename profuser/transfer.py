@@ -54,7 +54,6 @@ class Transfer:
 
 def prefix_match(surf: Surfaces, cand: np.ndarray, text: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
     """bool [Q]: surface of cand[q] starts with text[start[q] : start[q] + length[q]] (lengths >= 0)."""
-    q = len(cand)
     ok = (cand >= 0) & (cand < len(surf.lengths))
     ok &= np.where(ok, surf.lengths[np.where(ok, cand, 0)], -1) >= length
     k = np.flatnonzero(ok & (length > 0))
@@ -98,7 +97,6 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
     without offsets): then only those 1:1 pairs are used.
     """
     n, m = len(src.ids), len(tgt.ids)
-    K = topk_ids.shape[1] if topk_ids.ndim == 2 else 0
     ids_out = np.full((m, k), PAD_ID, dtype=np.int64)
     lps_out = np.full((m, k), -np.inf, dtype=np.float32)
     empty = Transfer(ids_out, lps_out, np.zeros(m), np.zeros(m, dtype=bool), np.zeros(m, dtype=bool))
@@ -127,8 +125,6 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
     tail_partial = ok & (s_en[last] > b) & (last > head)
     ok &= (delta == 0) | src.exact[head]
     ok &= ~tail_partial | src.exact[last]
-    if pairs is not None:
-        tail_partial[:] = False
     tail_partial &= ok
     if not ok.any():
         return empty

@@ -179,6 +179,14 @@ def pair_tables(src_tok, tgt_tok, mode: str = "prefix", special_pairs: Optional[
     return build_vocab_map(src_tok, tgt_tok, mode, special_pairs, soft_max_ratio, by_byte), by_byte
 
 
+def cache_dir() -> Path:
+    """Where the tables are cached: the user cache (prep.shards.user_cache_dir)/vocab_maps. Keys are
+    content fingerprints of both tokenizers, so every run and the preflight share them."""
+    from profuser.prep.shards import user_cache_dir
+
+    return user_cache_dir() / "vocab_maps"
+
+
 def load_pair_tables(src_tok, tgt_tok, cache_dir, mode: str = "prefix",
                      special_pairs: Optional[dict[int, int]] = None,
                      soft_max_ratio: float = 0.5) -> tuple[np.ndarray, np.ndarray]:

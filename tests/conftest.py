@@ -106,6 +106,19 @@ def _no_inherited_wandb_service(monkeypatch):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _own_user_cache(tmp_path_factory):
+    """ProFuser's per-user cache (file hashes, vocabulary tables) in a directory of this session, so
+    tests neither read nor leave anything in ~/.cache/profuser (subprocesses inherit it)."""
+    old = os.environ.get("PROFUSER_CACHE")
+    os.environ["PROFUSER_CACHE"] = str(tmp_path_factory.mktemp("profuser-cache"))
+    yield
+    if old is None:
+        os.environ.pop("PROFUSER_CACHE", None)
+    else:
+        os.environ["PROFUSER_CACHE"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _remove_deepspeed_shm_buffers():
     """DeepSpeed's CPU backend leaves ~66 MB per rank and launch in /dev/shm; remove this session's."""
     import glob

@@ -145,7 +145,7 @@ def test_copy_path_for_the_identical_tokenizer(prepped):
     assert pair["all"]["transferred_share"] == 1.0 and pair["all"]["kept_mass"] == 1.0
 
 
-def test_every_text_position_gets_a_teacher_across_tokenizers(tiny_suite, tiny_models, prepped, target):
+def test_every_text_position_gets_a_teacher_across_tokenizers(tiny_suite, tiny_models, prepped, target, tmp_path):
     """Every teacher row of every source (chosen or not, both modes) through the align stage's own
     functions: each target position holding response text (or the end of turn) gets a distribution
     that contains its own label, the prompt gets none, and the 1:1 rule alone would leave many
@@ -157,7 +157,7 @@ def test_every_text_position_gets_a_teacher_across_tokenizers(tiny_suite, tiny_m
     tgt = Target(target, end_of_turn_id(target.tokenizer, target.template), 256)
     records = {k[0]: r for k, r in rows_by_key(prepped, "normalize", "records").items()}
     for src in SOURCES:
-        pair = make_pair(cfg, prepped / "prep/vocab_maps", cfg.model(src), tgt)
+        pair = make_pair(cfg, tmp_path, cfg.model(src), tgt)
         text_share, one_share = [], []
         for m in MODES:
             rows = TeacherRows(part_table(prepped, "teacher", f"{m}/{src}"), 5)
@@ -208,7 +208,17 @@ def test_alignment_statistics_in_the_manifest_and_wandb(prepped, base_dict):
         assert a["response_positions"] == sum(r["n_response"] for r in mine)
         assert a["transferred"] == sum(r["n_transferred"] for r in mine)
         assert abs(a["kept_mass"] - sum(r["kept_mass"] * r["n_transferred"] for r in mine) / a["transferred"]) < 1e-9
-    assert len(list((prepped / "prep/vocab_maps").glob("pair-*.npz"))) == 3
+    # the vocabulary tables of the three pairs are cached, keyed by both tokenizers and the mode
+    from profuser.chat import end_of_turn_id
+    from profuser.vocab_map import cache_dir, vocab_map_key
+
+    cfg = parse_config(base_dict)
+    tgt = load_chat_tokenizer(cfg.target)
+    t_eot = end_of_turn_id(tgt.tokenizer, tgt.template)
+    for s in SOURCES:
+        src = load_chat_tokenizer(cfg.model(s))
+        key = vocab_map_key(src.tokenizer, tgt.tokenizer, "prefix", {end_of_turn_id(src.tokenizer, src.template): t_eot})
+        assert (cache_dir() / f"pair-{key}.npz").exists(), s
 
     hist = wandb_history(prepped, run_name=f"{prepped.name}-align")
     table = wandb_table(prepped, "prep/align/pairs", run_name=f"{prepped.name}-align")
@@ -282,7 +292,7 @@ def test_unusable_teacher_rows_fall_back_or_are_rejected_and_the_set_still_loads
     build rejects the samples. An empty build shard still loads with datasets and the trainer."""
     import datasets
 
-    from profuser.prep.shards import write_parquet
+    from profuser.prep.shards import shard_identity, write_parquet
     from profuser.selection import mince_value, rank_sources
     from profuser.train.dataset import FusionDataset
 
@@ -296,6 +306,8 @@ def test_unusable_teacher_rows_fall_back_or_are_rejected_and_the_set_still_loads
         tok = [[x + 1 for x in ids] for ids in t["token_ids"].to_pylist()]
         write_parquet(path, t.set_column(t.schema.get_field_index("token_ids"), "token_ids",
                                          pa.array(tok, pa.list_(pa.int32()))))
+        side = path.with_suffix(".json")  # as if the teacher had written them (else: a damaged shard, redone)
+        side.write_text(json.dumps({**json.loads(side.read_text()), "file": shard_identity(path)}))
     d = {**base_dict, "run_dir": str(run), "wandb": {"enabled": False}}
     run_prep(parse_config(d), ["align", "build"])
     ids = [r["id"] for r in part_table(run, "normalize", "records").to_pylist()]
@@ -344,13 +356,13 @@ def test_unusable_teacher_rows_fall_back_or_are_rejected_and_the_set_still_loads
     assert x["training"]["topk_ids"].shape == (len(x["training"]["input_ids"]), 5)
 
 
-def test_align_sample_rejects_what_it_cannot_use(prepped, tiny_suite, target):
+def test_align_sample_rejects_what_it_cannot_use(prepped, tiny_suite, target, tmp_path):
     from profuser.chat import end_of_turn_id
     from profuser.prep.align_stage import Reject, Target, TeacherRows, align_sample, make_pair
 
     cfg = parse_config(tiny_config_dict(tiny_suite, prepped))
     eot = end_of_turn_id(target.tokenizer, target.template)
-    pair = make_pair(cfg, prepped / "prep/vocab_maps", cfg.model("vicuna_spm"), Target(target, eot, 256))
+    pair = make_pair(cfg, tmp_path, cfg.model("vicuna_spm"), Target(target, eot, 256))
     row = TeacherRows(part_table(prepped, "teacher", "training/vicuna_spm").slice(0, 1), 5).row(0)
     rid = part_table(prepped, "teacher", "training/vicuna_spm").slice(0, 1)["id"][0].as_py()
     msgs = rows_by_key(prepped, "normalize", "records")[(rid,)]["messages"]
@@ -464,7 +476,7 @@ def test_check_refuses_a_pair_it_cannot_align(tiny_suite, tmp_path):
     d = tiny_config_dict(tiny_suite, tmp_path / "run")
     d["target"]["chat_template"] = BUILTIN_TEMPLATES["chatml"].replace("m['content']", "(m['content'] | upper)")
     rep = run_check(parse_config(d))
-    assert any(p.startswith("target target: the chat template does not write the assistant's message as given")
+    assert any(p.startswith("target target: chat template (inline): the chat template does not write the assistant's")
                for p in rep.problems), rep.problems
     d["target"]["chat_template"] = BUILTIN_TEMPLATES["chatml"].replace(
         "m['content']", "(m['content'] | replace(' ', '  '))")

@@ -226,4 +226,7 @@ def test_cli_train(tiny_suite, tmp_path):
     # options and overrides in any order (the deepspeed launcher puts --local_rank first)
     out = subprocess.run([sys.executable, "-m", "profuser.train", "--local_rank=0", str(cfg), "--data",
                           str(tmp_path / "none"), "train.max_steps=1"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 1 and "[preflight] train: NOT READY" in out.stderr and "does not exist" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "profuser.train", "--local_rank=0", str(cfg), "--skip-check", "--data",
+                          str(tmp_path / "none"), "train.max_steps=1"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "training set error" in out.stderr and "does not exist" in out.stderr

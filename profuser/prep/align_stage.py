@@ -18,7 +18,7 @@ For each (sample, teacher):
    equal the stored `token_ids` (else the distributions would be for other tokens);
 3. every target response position gets a distribution by profuser.transfer's rule (byte spans;
    chain rule over source tokens a target token covers, conditioning when it starts inside one;
-   vocabulary tables cached in RUN_DIR/prep/vocab_maps, `prep.vocab_mapping`); identical
+   vocabulary tables cached per tokenizer pair in the user cache, `prep.vocab_mapping`); identical
    tokenizers with identical renderings copy the rows unchanged.
 
 Rows (docs/ARCHITECTURE.md, "Stage contracts") cover the WHOLE target sequence, label-aligned:
@@ -178,8 +178,10 @@ class Pairs:
         self.built: dict[str, Pair] = {}
 
     def __getitem__(self, name: str) -> Pair:
+        from profuser.vocab_map import cache_dir
+
         if name not in self.built:
-            self.built[name] = make_pair(self.ctx.cfg, self.ctx.prep_dir / "vocab_maps", self.specs[name], self.tgt)
+            self.built[name] = make_pair(self.ctx.cfg, cache_dir(), self.specs[name], self.tgt)
         return self.built[name]
 
     def info(self) -> dict:

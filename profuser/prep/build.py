@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from profuser.prep.shards import StageDir, atomic_write_json, shard_name
+from profuser.prep.shards import StageDir
 from profuser.prep.stages import Context, Progress, Stage, sidecar_info, up
 
 BUILD_VERSION = 2
@@ -107,4 +107,4 @@ def commit(sd: StageDir, i: int, table: pa.Table, info: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     pq.ParquetWriter(tmp, table.schema, compression="zstd").close()
     os.replace(tmp, path)
-    atomic_write_json(sd.sidecar_path(PART, i), {"shard": shard_name(i), "rows": 0, **info})
+    sd.mark_done(PART, i, 0, info)

@@ -104,9 +104,13 @@ class VLLMGenerator:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible[local_rank % len(visible)]
         from vllm import LLM  # noqa: imported only for this backend
 
+        from profuser.models import check_no_pickle
+
+        check_no_pickle(spec.path, spec.allow_pickle, spec.name)
         dtype = "auto" if spec.dtype == "auto" else spec.dtype
         self.llm = LLM(model=spec.path, tokenizer=spec.tokenizer or None, dtype=dtype,
-                       trust_remote_code=spec.trust_remote_code)
+                       trust_remote_code=spec.trust_remote_code,
+                       load_format="auto" if spec.allow_pickle else "safetensors")
         self.g, self.stop = gcfg, stop_ids(cm)
 
     def generate(self, prompts: list[list[int]], seed: int, on_batch=None) -> list[Generation]:

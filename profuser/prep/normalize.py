@@ -38,11 +38,12 @@ class NormalizeStage(Stage):
 
     def parts(self, cfg, plan):
         d = cfg.data
-        models = {m.name: {**model_deps(m), "max_length": m.max_length or d.max_length} for m in _length_models(cfg)}
+        models = {m.name: {**model_deps(m, weights=False), "max_length": m.max_length or d.max_length} for m in _length_models(cfg)}
         return {"records": {
             "data": {"path": str(Path(d.path).resolve()), "content": fingerprint(d.path, content=True),
                      "format": d.format, "limit": d.limit},
-            "overlength": d.overlength, "models": models, "shard_size": cfg.prep.shard_size,
+            "overlength": d.overlength, "special_tokens": d.special_tokens, "models": models,
+            "shard_size": cfg.prep.shard_size,
         }}
 
     def _parsed(self, ctx: Context):
@@ -58,6 +59,7 @@ class NormalizeStage(Stage):
 
     def run(self, ctx: Context, todo: dict[str, list[int]]) -> None:
         from profuser.chat import OverLength, encode_chat
+        from profuser.data import Reject, guard_special_tokens, special_strings
         from profuser.models import load_chat_tokenizer
 
         cfg, size = ctx.cfg, ctx.cfg.prep.shard_size
@@ -66,13 +68,20 @@ class NormalizeStage(Stage):
         for m in _length_models(cfg):
             cm = load_chat_tokenizer(m)
             checkers.append((m.name, cm, m.max_length or cfg.data.max_length))
+        specials = set().union(*(special_strings(cm.tokenizer) for _, cm, _ in checkers))
         sd = ctx.stage_dir(self.name)
         for i in todo.get("records", []):
             t0 = time.time()
             batch = records[i * size:(i + 1) * size]
-            keep, rejects = [], []
+            keep, rejects, escaped = [], [], 0
             per_model = {name: Counter() for name, _, _ in checkers}
             for rec in batch:
+                rec = {**rec, "messages": list(rec["messages"])}
+                try:
+                    escaped += guard_special_tokens(rec, specials, cfg.data.special_tokens)
+                except Reject as e:
+                    rejects.append({"id": rec["id"], "kind": e.kind, "reason": str(e)})
+                    continue
                 problems = []
                 for name, cm, max_len in checkers:
                     try:
@@ -92,14 +101,18 @@ class NormalizeStage(Stage):
                     keep.append({**rec, "meta": json.dumps(rec["meta"], ensure_ascii=False, sort_keys=True)})
             table = pa.Table.from_pylist(keep, schema=SCHEMA)
             sd.commit("records", i, table, sidecar_info(len(batch), len(keep), rejects, time.time() - t0,
-                                                        per_model={k: dict(v) for k, v in per_model.items()}))
+                                                        per_model={k: dict(v) for k, v in per_model.items()},
+                                                        special_tokens_escaped=escaped))
 
     def finalize(self, ctx, sd, parts, rejects):
         res = self._parsed(ctx)
         rejects[:0] = [{"stage": self.name, "part": "records", **r} for r in res.rejects]  # parse rejects first
         per_model: dict = {}
+        escaped = 0
         for i in range(len(parts["records"]["shards"])):
-            for name, c in sd.sidecar("records", i).get("per_model", {}).items():
+            side = sd.sidecar("records", i)
+            escaped += side.get("special_tokens_escaped", 0)
+            for name, c in side.get("per_model", {}).items():
                 per_model.setdefault(name, Counter()).update(c)
         c = parts["records"]["counts"]
         reasons = Counter(c["reasons"])
@@ -109,4 +122,8 @@ class NormalizeStage(Stage):
         for name, pm in per_model.items():
             ctx.say(f"normalize: {name}: {pm.get('fits', 0)} fit, {pm.get('truncated', 0)} truncated, "
                     f"{pm.get('rejected', 0)} over length or unrenderable (max_length policy {ctx.cfg.data.overlength!r})")
-        return {"counts": counts, "per_model": {k: dict(v) for k, v in per_model.items()}}
+        if escaped:
+            ctx.say(f"normalize: {escaped} record(s) spelled a special token in their text; escaped with a "
+                    "zero-width space (data.special_tokens=escape)")
+        return {"counts": counts, "per_model": {k: dict(v) for k, v in per_model.items()},
+                "special_tokens_escaped": escaped}

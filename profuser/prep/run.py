@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 from profuser.config import ConfigError, RunConfig, load_config, save_resolved
 from profuser.prep import STAGE_NAMES
 from profuser.prep.dist import Dist, set_cpu_threads
-from profuser.prep.stages import Context, PrepError, invalidate_stale, make_plan, run_stage
+from profuser.prep.stages import Context, PrepError, invalidate_stale, make_plan, run_stage, verify_outputs
 
 
 def build_stages() -> list:
@@ -53,6 +53,7 @@ def run_prep(cfg: RunConfig, stages: Optional[Sequence[str]] = None, loader: Opt
         ctx = Context(cfg=cfg, dist=dist, plan=plan, loader=loader or _load)
         if dist.is_main:
             invalidate_stale(ctx, all_stages)
+            verify_outputs(ctx, all_stages)
         dist.barrier()
         return {st.name: run_stage(ctx, st) for st in all_stages if st.name in names}
     finally:
@@ -65,6 +66,11 @@ def cmd_prep(args) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if not getattr(args, "skip_check", False):
+        from profuser.check import preflight
+
+        if not preflight(cfg, "prep"):
+            return 1
     if int(os.environ.get("RANK", "0")) == 0:
         save_resolved(cfg)
     try:
@@ -81,6 +87,7 @@ def script_main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("config", help="The run's YAML config file.")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="Config overrides.")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    p.add_argument("--skip-check", action="store_true", help="Start without the preflight (`profuser check`).")
+    args = p.parse_intermixed_args(argv)
     args.stage = stage
     return cmd_prep(args)

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from profuser.config import ModelConfig, ScorerConfig
-from profuser.prep.stages import Context, Progress, Stage, read_records, sidecar_info, up
+from profuser.prep.stages import Context, PrepError, Progress, Stage, read_records, sidecar_info, up
 from profuser.prep.shards import fingerprint
 
 
@@ -59,6 +59,9 @@ class SimilarityScorer:
     def __init__(self, cfg: ScorerConfig, device: str):
         from sentence_transformers import SentenceTransformer
 
+        from profuser.models import check_no_pickle
+
+        check_no_pickle(cfg.path, cfg.allow_pickle, cfg.name)  # sentence-transformers would unpickle .bin files
         self.name, self.batch_size = cfg.name, cfg.batch_size
         self.model = SentenceTransformer(cfg.path, device=device, local_files_only=True,
                                          trust_remote_code=cfg.trust_remote_code)
@@ -111,9 +114,15 @@ def build_scorer(cfg: ScorerConfig, device: str):
     raise ValueError(f"scorer {cfg.name!r}: unknown type {cfg.type!r}")
 
 
+class ScorerError(PrepError):
+    """A scorer failed on every item of its first batch: a broken scorer, not bad records."""
+
+
 def score_safely(scorer, records: list[dict], responses: list[str]) -> list:
     """A float per item, or an error message string for an item the scorer could not score. A batch
-    that raises is retried item by item, so one bad item never costs the others their scores."""
+    that raises is retried item by item, so one bad item never costs the others their scores.
+    A scorer that fails on every item of its first batch raises ScorerError at once (the rest of
+    the set would fail too, each failure a reject)."""
     out: list = []
     for s in range(0, len(records), scorer.batch_size):
         recs, resps = records[s:s + scorer.batch_size], responses[s:s + scorer.batch_size]
@@ -126,7 +135,12 @@ def score_safely(scorer, records: list[dict], responses: list[str]) -> list:
                     vals.append(scorer.score([r], [x])[0])
                 except Exception as e:  # noqa: BLE001
                     vals.append(f"{type(e).__name__}: {e}")
-        out += [v if isinstance(v, str) or math.isfinite(v) else f"non-finite score {v}" for v in vals]
+        vals = [v if isinstance(v, str) or math.isfinite(v) else f"non-finite score {v}" for v in vals]
+        if s == 0 and vals and all(isinstance(v, str) for v in vals):
+            raise ScorerError(f"scorer {scorer.name!r} failed on all {len(vals)} items of its first batch, e.g. "
+                              f"{vals[0]}; stopping here instead of rejecting every record (fix the scorer; "
+                              "`profuser check CONFIG` calls a rule scorer on one record)")
+        out += vals
     return out
 
 

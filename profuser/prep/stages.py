@@ -89,11 +89,16 @@ class Stage:
 # the plan
 
 
-def model_deps(m: ModelConfig) -> dict:
-    """What a model contributes to a stage's hash: where it is, how it is read, and its files."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx")
+
+
+def model_deps(m: ModelConfig, weights: bool = True) -> dict:
+    """What a model contributes to a stage's hash: where it is, how it is read, and its files'
+    content (not their modification times). `weights=False` for a stage that reads only the
+    tokenizer and template: then changing the weights does not invalidate it."""
     return {
         "path": str(Path(m.path).resolve()),
-        "files": fingerprint(m.path),
+        "files": fingerprint(m.path, skip_suffixes=() if weights else WEIGHT_SUFFIXES),
         "tokenizer": m.tokenizer and str(Path(m.tokenizer).resolve()),
         "tokenizer_files": m.tokenizer and fingerprint(m.tokenizer),
         "chat_template": m.chat_template,
@@ -157,6 +162,43 @@ def invalidate_stale(ctx: Context, stages: list[Stage]) -> list[str]:
     return removed
 
 
+def verify_outputs(ctx: Context, stages: list[Stage]) -> list[str]:
+    """Rank 0: check every finished shard against its sidecar (size, row count, sha256); remove a
+    damaged one (named in a message) so that its stage redoes it. Shards are deterministic, so the
+    redone shard equals the lost one and nothing downstream is invalidated."""
+    damaged = []
+    for st in stages:
+        sd = ctx.stage_dir(st.name)
+        man = sd.manifest()
+        if not man:
+            continue
+        bad_here = []
+        for part in man.get("parts", {}):
+            for i in range(man.get("n_shards") or 0):
+                if not sd.sidecar_path(part, i).exists():
+                    continue
+                why = sd.verify_shard(part, i)
+                if why:
+                    ctx.say(f"{st.name}: {sd.shard_path(part, i)} is damaged ({why}) — redoing it")
+                    sd.remove_shard(part, i)
+                    bad_here.append(f"{st.name}/{part}/{shard_name(i)}")
+        if bad_here:
+            damaged += bad_here
+            man["status"] = "running"
+            sd.remove_derived()
+            sd.write_manifest(man)
+    return damaged
+
+
+def _require_rows(sd: StageDir) -> None:
+    """A complete stage that kept no row at all stops the run, with the rejects' top reasons."""
+    c = (sd.manifest() or {}).get("counts") or {}
+    if c and not c.get("out"):
+        reasons = ", ".join(f"{k}: {v}" for k, v in list((c.get("reasons") or {}).items())[:5]) or "no input records"
+        raise PrepError(f"stage {sd.stage!r} produced no usable rows ({c.get('in', 0)} in, {c.get('rejected', 0)} "
+                        f"rejected: {reasons}); see {sd.root / REJECTS}")
+
+
 # --------------------------------------------------------------------------------------------
 # running one stage
 
@@ -173,6 +215,7 @@ def run_stage(ctx: Context, stage: Stage) -> bool:
     if is_complete(sd, want):
         c = sd.manifest().get("counts", {})
         ctx.say(f"{stage.name}: already complete for this config ({_count_line(c)}); skipping")
+        _require_rows(sd)
         return False
     for need in stage.needs:
         if not is_complete(ctx.stage_dir(need), ctx.plan[need]):
@@ -199,6 +242,7 @@ def run_stage(ctx: Context, stage: Stage) -> bool:
     if ctx.dist.is_main:
         _finalize(ctx, stage, sd, n, time.time() - t0)
     ctx.dist.barrier()
+    _require_rows(sd)
     return True
 
 

@@ -29,12 +29,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Override config values, e.g. train.learning_rate=2e-5 train.deepspeed=deepspeed_configs/zero3.json")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="Training set: a directory of Parquet shards (default: RUN_DIR/prep/build).")
+    p.add_argument("--skip-check", action="store_true",
+                   help="Start without the preflight (the checks of `profuser check` that training needs).")
     # The deepspeed launcher appends --local_rank=N; the rank is read from the LOCAL_RANK environment variable.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
     from profuser.config import ConfigError, load_config
+    from profuser.models import ModelLoadError
+    from profuser.train.checkpoint import CheckpointError
     from profuser.train.dataset import TrainingSetError
     from profuser.train.run import train
 
@@ -43,10 +47,21 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if not getattr(args, "skip_check", False):
+        from profuser.check import preflight
+
+        if not preflight(cfg, "train", data_dir=args.data):
+            return 1
     try:
         train(cfg, data=args.data)
     except TrainingSetError as e:
         print(f"training set error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except ModelLoadError as e:
+        print(f"model error: {e}", file=sys.stderr)
         return 2
     return 0
 

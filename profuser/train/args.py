@@ -100,6 +100,16 @@ def _configure_cpu_deepspeed() -> bool:
     return True
 
 
+def _checkpointing_kwargs(on: bool) -> dict:
+    """transformers >= 5.23 calls it activation checkpointing; older 5.x, gradient checkpointing."""
+    import dataclasses
+
+    name = "activation" if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)} \
+        else "gradient"
+    return {f"{name}_checkpointing": on or (None if name == "activation" else False),
+            f"{name}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
+
+
 def training_arguments(cfg, output_dir: str | Path, report_to: list[str]) -> FusionTrainingArguments:
     """The run config's ``train`` section as FusionTrainingArguments."""
     t = cfg.train
@@ -122,8 +132,7 @@ def training_arguments(cfg, output_dir: str | Path, report_to: list[str]) -> Fus
         lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         optim=t.optim,
         bf16=t.bf16,
-        activation_checkpointing=t.gradient_checkpointing or None,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **_checkpointing_kwargs(t.gradient_checkpointing),
         deepspeed=str(ds_config) if ds_config else None,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         # logging and checkpoints

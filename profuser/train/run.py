@@ -60,13 +60,32 @@ def init_wandb(cfg: RunConfig, output_dir: Path, run_name: str, wait_s: float = 
     return run
 
 
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the metrics.jsonl lines of steps after `step` (a resumed run logs them again)."""
+    if not path.exists():
+        return
+    import json
+
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except ValueError:  # a line cut short by the kill
+            return float("inf")
+
+    keep = [line for line in path.read_text().splitlines() if line.strip() and step_of(line) <= step]
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 def train(cfg: RunConfig, data: Optional[str] = None, callbacks: Sequence = ()):
     """Run (or resume) the training the config describes; returns the FusionTrainer."""
     import torch
     from transformers import set_seed
 
     from profuser.chat import end_of_turn_id
-    from profuser.models import load_chat_tokenizer, load_model, resolve_device
+    from profuser.models import dequantize_gguf, load_chat_tokenizer, load_model, resolve_device
+    from profuser.train.checkpoint import verify_checkpoint
     from profuser.train.args import training_arguments
     from profuser.train.dataset import FusionDataset
     from profuser.train.trainer import FusionTrainer, last_complete_checkpoint
@@ -84,7 +103,12 @@ def train(cfg: RunConfig, data: Optional[str] = None, callbacks: Sequence = ()):
         tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         os.replace(tmp, output_dir / "config.yaml")
 
-    target = load_chat_tokenizer(cfg.target)
+    target_spec = cfg.target
+    if Path(target_spec.path).suffix == ".gguf":  # transformers marks GGUF models quantized: train a plain copy
+        with args.main_process_first(desc="writing the GGUF target as safetensors"):
+            target_spec = dequantize_gguf(cfg.target, Path(cfg.run_dir) / "target_from_gguf")
+        log.info("target %s: training from %s (the GGUF's dequantized weights)", cfg.target.name, target_spec.path)
+    target = load_chat_tokenizer(target_spec)
     tok = target.tokenizer
     tok.chat_template = target.template  # saved with the model: the template it was trained with
     with args.main_process_first(desc="loading the training set"):
@@ -93,7 +117,7 @@ def train(cfg: RunConfig, data: Optional[str] = None, callbacks: Sequence = ()):
              train_set.mode_counts(), train_set.teacher_names)
 
     dtype = torch.float32 if cfg.target.dtype == "auto" else getattr(torch, cfg.target.dtype)
-    model, attn = load_model(cfg.target, device=resolve_device(cfg.target.device), dtype=dtype, place=False)
+    model, attn = load_model(target_spec, device=resolve_device(cfg.target.device), dtype=dtype, place=False)
     eot = end_of_turn_id(tok, target.template)
     stop = [i for i in dict.fromkeys([eot, tok.eos_token_id]) if i is not None]
     model.generation_config.eos_token_id = stop if len(stop) > 1 else stop[0]
@@ -103,7 +127,10 @@ def train(cfg: RunConfig, data: Optional[str] = None, callbacks: Sequence = ()):
 
     resume = last_complete_checkpoint(output_dir) if t.resume else None
     if resume:
+        verify_checkpoint(resume)  # before anything in it is unpickled
         log.info("resuming from %s", resume)
+        if args.should_save:
+            trim_metrics(output_dir / "metrics.jsonl", int(Path(resume).name.split("-")[-1]))
     if report_to and args.process_index == 0:
         init_wandb(cfg, output_dir, args.run_name)
 
@@ -112,7 +139,16 @@ def train(cfg: RunConfig, data: Optional[str] = None, callbacks: Sequence = ()):
         pad_token_id=tok.pad_token_id, teacher_names=train_set.teacher_names,
         metrics_file=str(output_dir / "metrics.jsonl"),
     )
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except RuntimeError as e:  # torch.save's message for a write that ran out of space
+        if "unexpected pos" not in str(e) and "No space left" not in str(e):
+            raise
+        import shutil
+
+        free = shutil.disk_usage(output_dir).free
+        raise OSError(f"writing a checkpoint under {output_dir} failed ({e}); {free / 2**30:.2f} GiB are free there: "
+                      "is the disk full? The last complete checkpoint is kept; free space and rerun to resume") from e
     log.info("rank %d: forward passes per mode %s, of which %d placeholders", args.process_index,
              trainer.forward_counts, trainer.placeholder_forwards)
     final = output_dir / "final"

@@ -269,7 +269,10 @@ class FusionTrainer(Trainer):
         if self.args.world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.barrier()
         if self.args.should_save:
+            from profuser.train.checkpoint import write_digest
+
             folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            write_digest(folder)  # checked before a resume unpickles anything (profuser.train.checkpoint)
             (folder / COMPLETE).write_text("ok\n")
 
 
