@@ -76,9 +76,12 @@ STAT_KEYS = ("rows", "fallback_rows", "response_positions", "text_positions", "t
 
 
 class Reject(Exception):
-    def __init__(self, kind: str, reason: str):
+    """A teacher row that cannot be used; `target_side`: the cause is the target's (its template,
+    length or tokens), so no other source could do better."""
+
+    def __init__(self, kind: str, reason: str, target_side: bool = False):
         super().__init__(reason)
-        self.kind, self.reason = kind, reason
+        self.kind, self.reason, self.target_side = kind, reason, target_side
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,9 +211,9 @@ def align_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict],
         enc = encode_chat(tgt_tok, tgt.cm.template, messages, response, tgt.max_length, overlength)
         t_prompt, t_resp = split_response(tgt_tok, tgt.cm.template, messages, response)
     except OverLength as e:
-        raise Reject("over_length", f"target {tname}: {e} (data.overlength={overlength})") from e
+        raise Reject("over_length", f"target {tname}: {e} (data.overlength={overlength})", True) from e
     except Exception as e:  # noqa: BLE001
-        raise Reject("template_error", f"target {tname}: {type(e).__name__}: {e}") from e
+        raise Reject("template_error", f"target {tname}: {type(e).__name__}: {e}", True) from e
     if pair.method == "mined":
         again = encode_chat(src_tok, pair.cm.template, messages, response).input_ids
         src_resp = again[len(again) - len(token_ids):] if len(again) >= len(token_ids) else again
@@ -225,7 +228,7 @@ def align_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict],
     try:
         tgt_rt = response_tokens(tgt_tok, t_prompt + t_resp, len(t_prompt), response)
     except ValueError as e:
-        raise Reject("unalignable", f"target {tname}: {e}") from e
+        raise Reject("unalignable", f"target {tname}: {e}", True) from e
     if not np.array_equal(src.ids, token_ids):
         n = min(len(src.ids), len(token_ids))
         at = next((j for j in range(n) if src.ids[j] != token_ids[j]), n)
@@ -236,7 +239,7 @@ def align_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict],
     resp_ids = np.asarray(enc.input_ids[enc.prompt_len:], dtype=np.int64)
     if not np.array_equal(tgt_rt.ids, resp_ids):
         raise Reject("target_mismatch", f"target {tname}: the aligned response tokens differ from encode_chat's "
-                                        f"({len(tgt_rt.ids)} vs {len(resp_ids)})")
+                                        f"({len(tgt_rt.ids)} vs {len(resp_ids)})", True)
     k = topk_ids.shape[1]
     m = len(resp_ids)
     n_resp = len(response.encode("utf-8", "surrogatepass"))
@@ -451,11 +454,14 @@ class AlignStage(Stage):
                     if out["n_transferred"] == 0:
                         raise Reject("no_transfer", f"{src}: no target response position received a distribution")
                 except Reject as e:
-                    nxt = (f"falling back to {ranked[rank + 1][0]}" if rank + 1 < len(ranked) else
+                    nxt = ("the target's own problem: no other source can help" if e.target_side else
+                           f"falling back to {ranked[rank + 1][0]}" if rank + 1 < len(ranked) else
                            "no other source to fall back to" if mode == "training" else
                            "only the winner's distributions exist in inference mode: no inference mode for this sample")
                     rejects.append({"id": rec["id"], "mode": mode, "source": src, "kind": e.kind,
                                     "reason": f"{e.reason} ({nxt})"})
+                    if e.target_side:
+                        break
                     continue
                 rows.append({"id": rec["id"], "mode": mode, "source": src, "rank": rank, **info, **out})
                 st = stats[src]
