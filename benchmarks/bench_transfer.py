@@ -185,14 +185,14 @@ def distill_rows(student: ChatSide, teacher: ChatSide, trows: list[dict], rule: 
     from profuser.align import align_response, same_tokenizer
     from profuser.chat import split_response
     from profuser.prep.align_stage import Pair, Target, align_sample
-    from profuser.vocab_map import aligned_topk, build_vocab_map, pair_tables
+    from profuser.vocab_map import TargetLookup, aligned_topk, build_vocab_map, pair_tables
 
     pairs = {teacher.eot: student.eot}
     same = same_tokenizer(teacher.tokenizer, student.tokenizer)
     first, by_byte = pair_tables(teacher.tokenizer, student.tokenizer, "prefix", pairs)
     exact = build_vocab_map(teacher.tokenizer, student.tokenizer, "exact", pairs)
     pair = Pair(teacher.family, teacher, teacher.eot, same, same and teacher.eot == student.eot, first, by_byte,
-                1.0, "spans")
+                1.0, "spans", TargetLookup(student.tokenizer))
     tgt = Target(student, student.eot, 4096)
     msgs = PROMPT
     rows, covered, positions = [], 0, 0

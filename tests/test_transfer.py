@@ -285,3 +285,31 @@ def test_conditioning_inside_a_source_token_hand_example(toks):
     got = project(src, tgt, 4, s, first, by_byte, top2, np.log([[0.2, 0.3, 1, 1]]), np.log([0.5]), 4)
     assert {t.surfaces[int(c)]: math.exp(v) for c, v in zip(got.ids[1], got.logprobs[1]) if c >= 0} == {
         b"e": pytest.approx(1.0)}
+
+
+def test_a_target_token_starting_in_the_template_is_taught_from_the_response_on(toks):
+    """Vicuna writes "ASSISTANT: " before the answer and its `▁the` holds that space: the target
+    position still gets the source's distribution over the answer's first word (the label by the
+    chain rule; each candidate as the template's space + its text), with the 1:1 rule it got none."""
+    from profuser.chat import BUILTIN_TEMPLATES, split_response
+    from profuser.vocab_map import TargetLookup
+
+    msgs = [{"role": "user", "content": "Hi"}]
+    answer = "the cat sat on the mat."
+    src_tok, tgt_tok = toks["chatml_bpe"], toks["vicuna_spm"]
+    sp, sr = split_response(src_tok, BUILTIN_TEMPLATES["chatml"], msgs, answer)
+    tp, tr = split_response(tgt_tok, BUILTIN_TEMPLATES["vicuna"], msgs, answer)
+    src = response_tokens(src_tok, sp + sr, len(sp), answer)
+    tgt = response_tokens(tgt_tok, tp + tr, len(tp), answer)
+    assert tgt.starts[0] < 0 < tgt.ends[0]  # the first target token straddles the response start
+    first, by_byte = pair_tables(src_tok, tgt_tok, "prefix")
+    top, lps, obs = synthetic_rows(src_tok, src.ids, 1)
+    n = len(answer.encode())
+    lookup = TargetLookup(tgt_tok)
+    got = project(src, tgt, n, surfaces(src_tok), first, by_byte, top, lps, obs, K, lookup=lookup)
+    assert got.covered[0] and tgt.ids[0] in got.ids[0] and not got.one_to_one[0]
+    tsurf = surfaces(tgt_tok).surfaces
+    for e in got.ids[0][got.ids[0] >= 0]:  # every entry is " " + some text: it reaches into the response
+        assert tsurf[e].startswith(b" ") and len(tsurf[e]) > 1
+    without = project(src, tgt, n, surfaces(src_tok), first, by_byte, top, lps, obs, K)
+    assert list(without.ids[0][without.ids[0] >= 0]) == [tgt.ids[0]]  # no lookup: the label only

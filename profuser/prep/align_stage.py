@@ -132,6 +132,7 @@ class Pair:
     by_byte: Optional[np.ndarray]  # by-byte prefix table
     mapped_share: float  # share of the source's regular (non-special) tokens with a target counterpart
     method: str  # "spans" (offsets) | "mined" (no offsets: 1:1 pairs by MinED)
+    lookup: object = None  # vocab_map.TargetLookup: target id for template bytes + a candidate's text
 
 
 @dataclass
@@ -161,7 +162,10 @@ def make_pair(cfg, cache_dir, spec, tgt: Target, cm=None) -> Pair:
         s = surfaces(cm.tokenizer)
         regular = ~s.special & (s.lengths > 0)
         share = float((first[regular] >= 0).mean()) if regular.any() else 0.0
-    return Pair(spec.name, cm, eot, same, copy, first, by_byte, share, alignment_method(cm.tokenizer, tgt.cm.tokenizer))
+    from profuser.vocab_map import TargetLookup
+
+    return Pair(spec.name, cm, eot, same, copy, first, by_byte, share, alignment_method(cm.tokenizer, tgt.cm.tokenizer),
+                TargetLookup(tgt.cm.tokenizer, exact_only=cfg.prep.vocab_mapping != "prefix"))
 
 
 def alignment_method(src_tok, tgt_tok) -> str:
@@ -245,7 +249,7 @@ def align_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict],
     n_resp = len(response.encode("utf-8", "surrogatepass"))
     eot = (end_of_turn_index(src, pair.eot, n_resp), end_of_turn_index(tgt_rt, tgt.eot, n_resp))
     # positions holding response text or the end of turn (the template's other tokens have no source)
-    in_text = (tgt_rt.starts >= 0) & (tgt_rt.ends <= n_resp) & (tgt_rt.ends > tgt_rt.starts)
+    in_text = (tgt_rt.ends > 0) & (tgt_rt.ends <= n_resp) & (tgt_rt.ends > tgt_rt.starts)
     if eot[1] is not None:
         in_text[eot[1]] = True
     if pair.copy and s_resp == t_resp and np.array_equal(src.ids, tgt_rt.ids):
@@ -257,7 +261,7 @@ def align_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict],
         method = "copy"
     else:
         tr = project(src, tgt_rt, n_resp, surfaces(src_tok), pair.first, pair.by_byte, topk_ids, topk_logprobs,
-                     token_logprobs, k, eot)
+                     token_logprobs, k, eot, lookup=pair.lookup)
         ids, lps, kept, one = tr.ids, tr.logprobs, tr.kept, tr.one_to_one
         covered = (ids >= 0).any(axis=1)
         method = "project"
