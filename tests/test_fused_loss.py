@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from profuser.losses import DIVERGENCES, TEACHER_REST, fused_linear_fusion_loss, fusion_loss
-from profuser.train.fused import _HEADS, HeadSpec, call_with_forward, choose, fused_forward, head_spec
+from profuser.train.fused import _HEADS, HeadSpec, call_with_forward, choose_loss_path, fused_forward, head_spec
 from test_losses import make_batch
 
 
@@ -92,7 +92,7 @@ def test_no_teacher_is_cross_entropy_and_all_masked_is_zero():
     hidden, weight, _ = leaves(B, T, H, V, 9)
     got = fused_linear_fusion_loss(hidden, weight, labels, None, None)
     ce = F.cross_entropy(head_logits(hidden, weight)[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), reduction="sum")
-    assert float(got.total_sum.detach()) == pytest.approx(float(ce), rel=1e-12) and float(got.kd_sum) == 0.0
+    assert float(got.total_sum.detach()) == pytest.approx(float(ce.detach()), rel=1e-12) and float(got.kd_sum) == 0.0
     masked = torch.full_like(labels, -100)
     for teacher in ((ids, lps), (None, None)):
         got = fused_linear_fusion_loss(hidden, weight, masked, *teacher, temperature=2.0)
@@ -245,11 +245,11 @@ def test_unsupported_models_fall_back_or_fail_with_the_reason():
     spec, why = head_spec(custom)
     assert spec is None and "MyLlama is not one of the transformers causal LMs" in why
     model.lm_head = nn.Sequential(model.lm_head)  # e.g. an adapter or quantized wrapper around the head
-    spec, why = choose("auto", model)
+    spec, why = choose_loss_path("auto", model)
     assert spec is None and "the output projection is a Sequential, not a plain torch.nn.Linear" in why
     with pytest.raises(ValueError, match="train.fused_loss=on but the fused loss does not support this model"):
-        choose("on", model)
-    assert choose("off", tiny_model("LlamaForCausalLM")) == (None, "train.fused_loss=off")
+        choose_loss_path("on", model)
+    assert choose_loss_path("off", tiny_model("LlamaForCausalLM")) == (None, "train.fused_loss=off")
 
 
 def test_call_with_forward_keeps_hooks_and_restores_the_forward():

@@ -1,6 +1,6 @@
 """The trainer's fused-linear loss path: which models it supports and how it runs them.
 
-    spec, why = choose(cfg.train.fused_loss, model)   # HeadSpec, or None and why the logits path
+    spec, why = choose_loss_path(cfg.train.fused_loss, model)   # HeadSpec, or None and why the logits path
     parts = fused_forward(model_as_called, model, spec, batch, **loss_kwargs)   # LossParts, as fusion_loss
 
 The fused path computes the model's trunk, then ``fused_linear_fusion_loss`` on the last hidden state
@@ -73,11 +73,13 @@ def head_spec(model: nn.Module) -> tuple[Optional[HeadSpec], str]:
         return None, f"{name}: no separate trunk (base_model is the model itself)"
     spec = _HEADS[name](model)
     tied = head.weight is model.get_input_embeddings().weight
-    return spec, f"{name}: logits = {spec.describe()}, {'tied' if tied else 'untied'} {head.out_features} x " \
-                 f"{head.in_features} projection{' with bias' if head.bias is not None else ''}"
+    bias = " with bias" if head.bias is not None else ""
+    return spec, (f"{name}: logits = {spec.describe()}, {'tied' if tied else 'untied'} "
+                  f"{head.out_features} x {head.in_features} projection{bias}")
 
 
-def fused_forward(model_as_called: nn.Module, model: nn.Module, spec: HeadSpec, batch: dict, **loss_kwargs) -> LossParts:
+def fused_forward(model_as_called: nn.Module, model: nn.Module, spec: HeadSpec, batch: dict,
+                  **loss_kwargs) -> LossParts:
     """One forward pass of ``model_as_called`` (the DeepSpeed engine, DDP or ``model`` itself) that
     returns the fused loss of ``batch`` (input_ids, attention_mask, labels, topk_ids, topk_logprobs)
     instead of logits.
@@ -133,7 +135,7 @@ def call_with_forward(module: nn.Module, forward: Callable, caller: Callable, *a
             restore()
 
 
-def choose(setting: str, model: nn.Module) -> tuple[Optional[HeadSpec], str]:
+def choose_loss_path(setting: str, model: nn.Module) -> tuple[Optional[HeadSpec], str]:
     """The loss path under ``train.fused_loss`` = ``setting``: (HeadSpec, why) for the fused path,
     (None, why) for the logits path. ``on`` with an unsupported model is an error."""
     if setting == "off":

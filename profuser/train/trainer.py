@@ -51,8 +51,7 @@ from profuser.losses import fusion_loss
 from profuser.schedule import MODES, draw_modes, mode_weights, preset_beta, sampling_scale
 from profuser.train.collator import RawBatch, collate, count_targets, placeholder_mode
 from profuser.train.dataset import LengthGroupedSampler
-from profuser.train.fused import choose as choose_loss_path
-from profuser.train.fused import fused_forward
+from profuser.train.fused import choose_loss_path, fused_forward
 
 log = logging.getLogger("profuser")
 COMPLETE = ".complete"  # written into checkpoint-N/ once every rank has finished saving it
