@@ -189,8 +189,15 @@ class TrainConfig:
     )
     temperature: float = _f(1.0, help="Distillation temperature tau.", gt=0.0)
     loss_chunk_size: int = _f(
-        256, help="Sequence positions per fp32 loss chunk: the loss holds chunk x vocab fp32 temporaries "
-        "(smaller = less memory, more passes).", ge=1
+        256, help="Positions per fp32 loss chunk: the loss holds chunk x vocab fp32 temporaries (smaller = less "
+        "memory, more passes). Fused path: label tokens of the whole micro-batch; logits path: positions of "
+        "each sequence.", ge=1
+    )
+    fused_loss: Literal["auto", "on", "off"] = _f(
+        "auto", help="Fused-linear loss: the loss is computed from the last hidden states and the output "
+        "projection chunk by chunk, never building the [batch, length, vocab] logits. auto = where the target's "
+        "architecture is supported (else the logits path, with the reason logged); on = error if unsupported; "
+        "off = always logits then the chunked loss."
     )
     learning_rate: float = _f(1e-5, help="Peak learning rate.", gt=0.0)
     num_train_epochs: float = _f(3.0, help="Epochs over the training set.", gt=0.0)

@@ -1,6 +1,8 @@
 """Per-token fusion loss: CE on the labels plus a divergence D from the teacher's stored top-k.
 
-Pure functions of tensors; the trainer runs forward passes and calls :func:`fusion_loss`.
+Pure functions of tensors; the trainer runs forward passes and calls :func:`fusion_loss` over the
+logits, or :func:`fused_linear_fusion_loss` over the last hidden states and the output projection
+(the same loss, computed chunk by chunk without ever building the [B, T, V] logits).
 Teacher rows are LABEL-ALIGNED: ``topk_ids[b, t]`` is the teacher's distribution over the token at
 position t (it pairs with ``labels[b, t]``), so the loss scores ``logits[:, :-1]`` against
 ``labels[:, 1:]`` and teacher rows ``[:, 1:]``. ``topk_ids == -1`` marks an empty entry.
@@ -11,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "ce")
@@ -183,6 +186,24 @@ def fusion_loss(
     Positions with a label but no teacher entry add CE only; label -100 positions add nothing.
     Returns :class:`LossParts` of sums; all-masked input gives zeros with a zero gradient.
     """
+    _check_options(beta, divergence, temperature, fusellm_lambda, chunk_size, rest, min_mass)
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"logits {tuple(logits.shape)} must be [B, T, V] and labels {tuple(labels.shape)} [B, T]")
+    _check_teacher(labels, topk_ids, topk_logprobs)
+
+    tau = float(temperature)
+    weights = (1.0, float(beta)) if fusellm_lambda is None else (float(fusellm_lambda), 1.0 - fusellm_lambda)
+    args = (labels, topk_ids, topk_logprobs, divergence, tau, weights, chunk_size, rest, float(min_mass))
+    if torch.is_grad_enabled() and logits.requires_grad:
+        total, ce_sum, kd_sum = _FusedChunks.apply(logits, *args)
+    else:
+        with torch.no_grad():
+            _, ce_sum, kd_sum = _chunked_sums(logits, *args)
+        total = weights[0] * ce_sum + weights[1] * kd_sum
+    return LossParts(total, ce_sum, kd_sum, (labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _check_options(beta, divergence, temperature, fusellm_lambda, chunk_size, rest, min_mass) -> None:
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r} is not one of {DIVERGENCES}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -197,8 +218,9 @@ def fusion_loss(
         raise ValueError(f"rest={rest!r} is not one of {TEACHER_REST}")
     if not (isinstance(min_mass, (int, float)) and 0 <= min_mass <= 1):
         raise ValueError(f"min_mass={min_mass!r} must be a number in [0, 1]")
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"logits {tuple(logits.shape)} must be [B, T, V] and labels {tuple(labels.shape)} [B, T]")
+
+
+def _check_teacher(labels, topk_ids, topk_logprobs) -> None:
     if (topk_ids is None) != (topk_logprobs is None):
         raise ValueError("topk_ids and topk_logprobs must both be given or both be None")
     if topk_ids is not None and (
@@ -209,16 +231,18 @@ def fusion_loss(
             f"must both be [B, T, K] with [B, T] = {tuple(labels.shape)}"
         )
 
-    tau = float(temperature)
-    weights = (1.0, float(beta)) if fusellm_lambda is None else (float(fusellm_lambda), 1.0 - fusellm_lambda)
-    args = (labels, topk_ids, topk_logprobs, divergence, tau, weights, chunk_size, rest, float(min_mass))
-    if torch.is_grad_enabled() and logits.requires_grad:
-        total, ce_sum, kd_sum = _FusedChunks.apply(logits, *args)
-    else:
-        with torch.no_grad():
-            _, ce_sum, kd_sum = _chunked_sums(logits, *args)
-        total = weights[0] * ce_sum + weights[1] * kd_sum
-    return LossParts(total, ce_sum, kd_sum, (labels[:, 1:] != IGNORE_INDEX).sum())
+
+def _chunk_grad(x, labels, ids, logprobs, divergence, tau, weights, rest, min_mass, transform=None):
+    """(ce, kd, d(w_ce * ce + w_kd * kd) / dx) of one chunk of logits x [B, C, V] (``transform``, if
+    given, maps x to the logits the loss sees). The chunk's graph is built and freed right here."""
+    x = x.detach().requires_grad_(True)
+    # keep outer saved-tensor hooks (offloading, checks) away from this local graph; they see only
+    # what the caller keeps for backward (the gradient)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        z = x if transform is None else transform(x)
+        ce, kd = _chunk_sums(z, labels, ids, logprobs, divergence, tau, rest, min_mass)
+        (g,) = torch.autograd.grad(weights[0] * ce + weights[1] * kd, x)
+    return ce.detach(), kd.detach(), g
 
 
 def _chunked_sums(logits, labels, topk_ids, topk_logprobs, divergence, tau, weights, chunk_size, rest="other",
@@ -239,14 +263,8 @@ def _chunked_sums(logits, labels, topk_ids, topk_logprobs, divergence, tau, weig
         if grad_out is None:
             ce, kd = _chunk_sums(x, labels[:, s + 1:e + 1], ids, lps, divergence, tau, rest, min_mass)
         else:
-            x.requires_grad_(True)
-            # this chunk's graph is freed right here: keep outer saved-tensor hooks (offloading,
-            # checks) away from it; they see only what is kept for backward (the gradient)
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-                ce, kd = _chunk_sums(x, labels[:, s + 1:e + 1], ids, lps, divergence, tau, rest, min_mass)
-                (g,) = torch.autograd.grad(weights[0] * ce + weights[1] * kd, x)
+            ce, kd, g = _chunk_grad(x, labels[:, s + 1:e + 1], ids, lps, divergence, tau, weights, rest, min_mass)
             grad_out[:, s:e] = g
-            ce, kd = ce.detach(), kd.detach()
         ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
     return weights[0] * ce_sum + weights[1] * kd_sum, ce_sum, kd_sum
 
@@ -281,3 +299,172 @@ class _FusedChunks(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None, None
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# fused with the output projection: hidden states in, no [B, T, V] logits
+
+
+def fused_linear_fusion_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    topk_ids: torch.Tensor | None,
+    topk_logprobs: torch.Tensor | None,
+    *,
+    bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    beta: float = 1.0,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    fusellm_lambda: float | None = None,
+    chunk_size: int = 256,
+    rest: str = "other",
+    min_mass: float = 0.0,
+) -> LossParts:
+    """``fusion_loss(head(hidden), labels, ...)`` computed chunk by chunk without any [B, T, V] tensor.
+
+    head(h) = softcap * tanh(logit_scale * (h @ weight.T + bias) / softcap), or without the tanh when
+    ``softcap`` is None: the model's output projection and what it does to the logits after it.
+
+    Args:
+        hidden: [B, T, H] final hidden states (the input of the output projection).
+        weight: [V, H] the projection (the input embedding when the model ties them); bias: [V] or None.
+        logit_scale: logits multiplier (Cohere's ``logit_scale``, 1 / Granite's ``logits_scaling``).
+        softcap: Gemma-2's ``final_logit_softcapping``, applied after the scale.
+        chunk_size: scored TOKENS per chunk, over the whole batch (positions whose next label is -100
+            are never projected). A chunk's logits are projected in the compute dtype, its loss
+            math runs in fp32 (``_chunk_sums``, the same code as ``fusion_loss``), and with
+            gradients on, its gradient is pushed to ``hidden`` and ``weight`` (and ``bias``) at once.
+        labels, topk_ids, topk_logprobs, beta, divergence, temperature, fusellm_lambda, rest,
+        min_mass: as :func:`fusion_loss`.
+
+    Memory: one chunk's [C, V] tensors at a time; with gradients on, the forward pass also fills the
+    gradients of ``hidden`` ([B, T, H], zero where nothing is scored) and ``weight`` (one [V, H] buffer
+    of its dtype, accumulated in place when the chunk's compute dtype matches it), kept for
+    backward, which only scales them. ``ce_sum``/``kd_sum`` carry no gradient.
+    """
+    _check_options(beta, divergence, temperature, fusellm_lambda, chunk_size, rest, min_mass)
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be [B, T, H] and labels {tuple(labels.shape)} [B, T]")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} must be [V, H] with H = {hidden.shape[-1]}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias {tuple(bias.shape)} must be [V] with V = {weight.shape[0]}")
+    if not (math.isfinite(logit_scale) and logit_scale > 0) or (softcap is not None and not softcap > 0):
+        raise ValueError(f"logit_scale={logit_scale!r} must be > 0 and softcap={softcap!r} None or > 0")
+    _check_teacher(labels, topk_ids, topk_logprobs)
+
+    weights = (1.0, float(beta)) if fusellm_lambda is None else (float(fusellm_lambda), 1.0 - fusellm_lambda)
+    opts = _LinearOpts(divergence, float(temperature), weights, chunk_size, rest, float(min_mass),
+                       float(logit_scale), None if softcap is None else float(softcap))
+    inputs = (hidden, weight) if bias is None else (hidden, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        total, ce_sum, kd_sum = _FusedLinear.apply(hidden, weight, bias, labels, topk_ids, topk_logprobs, opts)
+    else:
+        with torch.no_grad():
+            total, ce_sum, kd_sum, _ = _linear_chunks(hidden, weight, bias, labels, topk_ids, topk_logprobs, opts)
+    return LossParts(total, ce_sum, kd_sum, (labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass(frozen=True)
+class _LinearOpts:
+    divergence: str
+    tau: float
+    weights: tuple[float, float]
+    chunk_size: int
+    rest: str
+    min_mass: float
+    logit_scale: float
+    softcap: float | None
+
+    def transform(self, z: torch.Tensor) -> torch.Tensor:
+        """Projected logits -> the logits the model returns, in fp32 (fp64 stays fp64)."""
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        if self.logit_scale != 1.0:
+            z = z * self.logit_scale
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z
+
+
+def _linear_chunks(hidden, weight, bias, labels, topk_ids, topk_logprobs, opts: _LinearOpts,
+                   needs_grad=(False, False, False)):
+    """(total, ce, kd, [d hidden, d weight, d bias]) over the scored positions, one chunk at a time.
+
+    Position t of ``hidden`` scores labels and teacher rows t + 1; only positions with such a label
+    are gathered and projected. Gradients (of ``total``) are filled for the inputs ``needs_grad`` marks.
+    """
+    B, T, H = hidden.shape
+    flat = hidden.reshape(B * T, H)
+    scored = labels[:, 1:] != IGNORE_INDEX
+    rows = torch.arange(B * T, device=hidden.device).view(B, T)[:, :-1][scored]  # flat index of each scored position
+    targets = labels[:, 1:][scored]
+    ids = None if topk_ids is None else topk_ids[:, 1:][scored]
+    lps = None if topk_logprobs is None else topk_logprobs[:, 1:][scored]
+    grads = [torch.zeros_like(t) if need else None for t, need in zip((flat, weight, bias), needs_grad)]
+    d_flat, d_weight, d_bias = grads
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    ce_sum = kd_sum = torch.zeros((), dtype=acc, device=hidden.device)
+    for s in range(0, rows.numel(), opts.chunk_size):
+        r = rows[s:s + opts.chunk_size]
+        h = flat.index_select(0, r)
+        z = F.linear(h, weight, bias)[None]  # [1, C, V] in the compute dtype
+        chunk = (targets[None, s:s + opts.chunk_size],
+                 None if ids is None else ids[None, s:s + opts.chunk_size],
+                 None if lps is None else lps[None, s:s + opts.chunk_size])
+        if not any(needs_grad):
+            ce, kd = _chunk_sums(opts.transform(z), *chunk, opts.divergence, opts.tau, opts.rest, opts.min_mass)
+        else:
+            ce, kd, g = _chunk_grad(z, *chunk, opts.divergence, opts.tau, opts.weights, opts.rest, opts.min_mass,
+                                    transform=opts.transform)
+            g = g[0]  # [C, V], d total / d projected logits, in the compute dtype
+            del z
+            if d_flat is not None:
+                d_flat.index_copy_(0, r, (g @ weight).to(d_flat.dtype))  # rows are distinct
+            if d_weight is not None:
+                _add_matmul(d_weight, g.t(), h)
+            if d_bias is not None:
+                d_bias.add_(g.sum(0))
+        ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
+    if d_flat is not None:
+        grads[0] = d_flat.view(B, T, H)
+    w = opts.weights
+    return w[0] * ce_sum + w[1] * kd_sum, ce_sum, kd_sum, grads
+
+
+def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b, in place when the dtypes agree (no [V, H] temporary), else through one product
+    in the compute dtype (e.g. bf16 autocast over fp32 weights)."""
+    if a.dtype == b.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_(a @ b)
+
+
+class _FusedLinear(torch.autograd.Function):
+    """``total`` of :func:`fused_linear_fusion_loss`; its gradients w.r.t. hidden, weight and bias are
+    computed chunk by chunk in the forward pass and kept for backward, which scales them in place
+    (so, like ``_FusedChunks``, backward works once per forward)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, topk_ids, topk_logprobs, opts):
+        total, ce, kd, grads = _linear_chunks(hidden, weight, bias, labels, topk_ids, topk_logprobs, opts,
+                                              needs_grad=ctx.needs_input_grad[:3])
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(ce, kd)
+        return total, ce, kd
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_total, g_ce, g_kd):
+        if getattr(ctx, "used", False):
+            raise RuntimeError("fused_linear_fusion_loss: backward can run only once per forward (no retain_graph)")
+        ctx.used = True
+        grads = ctx.saved_tensors
+        if not (g_total.numel() == 1 and float(g_total) == 1.0):
+            for g in grads:
+                if g is not None:
+                    g.mul_(g_total.to(g.dtype))
+        return (*grads, None, None, None, None)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from profuser.config import parse_config
 from profuser.train import train
 from profuser.prep.dist import free_port
-from train_fixtures import cached_training_set, read_wandb_offline, run_config, write_config
+from train_fixtures import cached_training_set, read_wandb_offline, run_config, tied_target, write_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -49,10 +49,16 @@ def step_logs(run_dir: Path) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
-def single_process_losses(suite, data, tmp: Path, **train_kw) -> list[float]:
-    cfg = parse_config(run_config(suite, tmp, **train_kw))
-    trainer = train(cfg, data=str(data))
+def single_process_losses(suite, data, tmp: Path, target: Path | None = None, **train_kw) -> list[float]:
+    d = run_config(suite, tmp, **train_kw)
+    if target is not None:
+        d["target"]["path"] = str(target)
+    trainer = train(parse_config(d), data=str(data))
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def loss_paths(out: subprocess.CompletedProcess) -> list[str]:
+    return [line.split("loss path: ", 1)[1] for line in (out.stdout + out.stderr).splitlines() if "loss path: " in line]
 
 
 def check_final_model_generates(run_dir: Path):
@@ -79,6 +85,7 @@ WANDB_KEYS = ("train/loss", "train/grad_norm", "train/learning_rate", "train/tok
 def check_wandb(run_dir: Path, logs: list[dict], deepspeed_config: str):
     config, history = read_wandb_offline(run_dir)
     assert config["run_config"]["train"]["deepspeed"] == deepspeed_config  # the whole run config
+    assert config["loss_path"].startswith("fused-linear (Olmo2ForCausalLM")
     assert config["run_config"]["target"]["name"] == "target" and len(config["run_config"]["sources"]) == 3
     steps = [h for h in history if "train/loss" in h]
     assert len(steps) == len(logs)
@@ -105,7 +112,9 @@ def test_zero2_two_ranks(zero2_run, tiny_suite):
     run = tmp / "run"
     logs = step_logs(run)
     assert [r["step"] for r in logs] == list(range(1, STEPS + 1))
-    # the schedule: stage 1 inference only, stage 2 both modes
+    assert loss_paths(out) == ["fused-linear (Olmo2ForCausalLM: logits = lm_head(h), untied 512 x 64 projection)"]
+    assert all(r["fused_loss"] == 1.0 for r in logs)
+    # the schedule: stage 1 inference only, stage 2 both modes (each mode's backward before the next forward)
     assert [(r["w_inf"], r["w_train"]) for r in logs] == [(1.0, 0.0)] * 10 + [(0.1, 1.0)] * 10
     assert all("training/ce" not in r for r in logs[:10]) and all("training/ce" in r for r in logs[10:])
     # learning: the loss falls in each stage, and over the run
@@ -122,13 +131,18 @@ def test_zero2_two_ranks(zero2_run, tiny_suite):
 
 
 def test_zero3_two_ranks_via_train_sh(tiny_suite, tmp_path):
-    """ZeRO-3 through launch/train.sh; half the samples lack the inference mode and each rank takes one
-    sample per micro-batch, so a rank often has no sample of a mode the other trains: it forwards a
-    placeholder (ZeRO-3 gathers parameters collectively in every forward; unequal counts would hang)."""
+    """ZeRO-3 through launch/train.sh, with the fused-linear loss on a target whose output projection is
+    tied to the input embedding (a partitioned parameter used by two modules); half the samples lack
+    the inference mode and each rank takes one sample per micro-batch, so a rank often has no sample
+    of a mode the other trains: it forwards a placeholder (ZeRO-3 gathers parameters collectively in
+    every forward; unequal counts would hang). Every step and the final weights equal one process
+    training on the logits path."""
     data = cached_training_set(tiny_suite, no_inference=(1, 3, 5, 7))
-    cfg = write_config(tmp_path / "run.yaml", run_config(
-        tiny_suite, tmp_path / "run", wandb=True, max_steps=STEPS, schedule="simul", per_device_train_batch_size=1,
-        deepspeed="deepspeed_configs/zero3.json"))
+    target = tied_target(tiny_suite)
+    run = run_config(tiny_suite, tmp_path / "run", wandb=True, max_steps=STEPS, schedule="simul",
+                     per_device_train_batch_size=1, deepspeed="deepspeed_configs/zero3.json")
+    run["target"]["path"] = str(target)
+    cfg = write_config(tmp_path / "run.yaml", run)
     env_cmd = ["env", "NUM_GPUS=2", f"MASTER_PORT={free_port()}", "bash", "launch/train.sh", str(cfg), "--data",
                str(data)]
     out = launch(env_cmd)
@@ -136,15 +150,20 @@ def test_zero3_two_ranks_via_train_sh(tiny_suite, tmp_path):
     placeholders = [int(line.rsplit("of which ", 1)[1].split()[0])
                     for line in (out.stdout + out.stderr).splitlines() if "placeholders" in line]
     assert len(placeholders) == 2 and sum(placeholders) > 0, placeholders
+    assert loss_paths(out) == ["fused-linear (Olmo2ForCausalLM: logits = lm_head(h), tied 512 x 64 projection)"]
     run = tmp_path / "run"
     logs = step_logs(run)
-    assert len(logs) == STEPS and all(r["w_inf"] == r["w_train"] == 1.0 for r in logs)
+    assert len(logs) == STEPS and all(r["w_inf"] == r["w_train"] == 1.0 and r["fused_loss"] == 1.0 for r in logs)
     first, last = logs[0], logs[-1]
     assert last["loss"] < 0.8 * first["loss"]
     assert last["inference/ce"] < first["inference/ce"] and last["training/ce"] < first["training/ce"]
-    ref = single_process_losses(tiny_suite, data, tmp_path / "ref", max_steps=STEPS, schedule="simul",
-                                per_device_train_batch_size=2)
+    ref = single_process_losses(tiny_suite, data, tmp_path / "ref", target=target, max_steps=STEPS, schedule="simul",
+                                per_device_train_batch_size=2, fused_loss="off")
     assert [r["loss"] for r in logs] == pytest.approx(ref, rel=2e-4)
+    weights, ref_weights = (load_file(p / "train" / "final" / "model.safetensors") for p in (run, tmp_path / "ref"))
+    assert weights.keys() == ref_weights.keys()
+    for k, v in ref_weights.items():
+        torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-4, msg=lambda m: f"{k}: {m}")
     check_final_model_generates(run)
     check_wandb(run, logs, "deepspeed_configs/zero3.json")
 

@@ -122,6 +122,54 @@ def test_denominators_are_the_whole_step_label_tokens(bare_trainer):
         assert split == pytest.approx(float(trainer.compute_loss(trainer.model, whole[0])), rel=1e-6)
 
 
+def _grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_stage2_step_backwards_each_mode_before_the_next_forward(bare_trainer):
+    """Both modes in every micro-batch: training_step forwards and backwards one mode, then the
+    other (one mode's activations alive at a time), and the step's gradient equals that of the
+    trainer before the fused path and the per-mode backward: logits, both modes' loss summed, one
+    backward per micro-batch."""
+    trainer, ds = bare_trainer
+    model = trainer.model
+    trainer.args.schedule, trainer.state.global_step = "simul", 0
+    batches, _ = trainer.get_batch_samples(iter(_micro_batches(ds)), 2, "cpu")
+    assert all(list(b["modes"]) == ["inference", "training"] for b in batches)
+    events = []
+
+    def on_backward(module, args, out):  # the backward pass reaches the embedding output
+        out.register_hook(lambda g: events.append("backward"))
+
+    hooks = [model.register_forward_pre_hook(lambda *a: events.append("forward")),
+             model.get_input_embeddings().register_forward_hook(on_backward)]
+    assert trainer.head_spec is not None  # train.fused_loss=auto on the OLMo-2 target
+    try:
+        model.zero_grad()
+        losses = [float(trainer.training_step(model, b)) for b in batches]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert events == ["forward", "backward"] * 4
+    fused = _grads(model)
+    spec, trainer.head_spec = trainer.head_spec, None
+    try:
+        model.zero_grad()
+        joint = []
+        for b in batches:
+            loss = trainer.compute_loss(model, b)
+            loss.backward()
+            joint.append(float(loss.detach()))
+        reference = _grads(model)
+    finally:
+        trainer.head_spec = spec
+        model.zero_grad()
+    assert losses == pytest.approx(joint, rel=1e-6)
+    assert fused.keys() == reference.keys()
+    for name, g in reference.items():
+        torch.testing.assert_close(fused[name], g, rtol=1e-5, atol=1e-7)
+
+
 def test_sample_mode_draws_one_mode_per_sample(bare_trainer):
     trainer, ds = bare_trainer
     trainer.args.schedule, trainer.args.sample_mode = "profuser", True
@@ -195,6 +243,27 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny_suite, build_dir, tmp_
         torch.testing.assert_close(out[True][1][k], v, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_and_logits_paths_train_the_same_weights(tiny_suite, build_dir, tmp_path, caplog):
+    """profuser preset, stage 1 then stage 2 (both modes): train.fused_loss on and off give the same
+    steps; the chosen path is logged once and in the metrics."""
+    out = {}
+    for fused in ("on", "off"):
+        cfg = parse_config(run_config(tiny_suite, tmp_path / fused, max_steps=4, switch_fraction=0.5, optim="sgd",
+                                      learning_rate=0.5, max_grad_norm=0.0, fused_loss=fused))
+        with caplog.at_level("INFO", logger="profuser"):
+            trainer = train(cfg, data=str(build_dir))
+        out[fused] = (_losses(trainer), _final_weights(tmp_path / fused))
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        assert [h["fused_loss"] for h in logs] == [float(fused == "on")] * 4
+        assert [(h["w_inf"], h["w_train"]) for h in logs] == [(1.0, 0.0)] * 2 + [(0.1, 1.0)] * 2
+    paths = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loss path:")]
+    assert paths == ["loss path: fused-linear (Olmo2ForCausalLM: logits = lm_head(h), untied 512 x 64 projection)",
+                     "loss path: logits (train.fused_loss=off)"]
+    assert out["on"][0] == pytest.approx(out["off"][0], rel=1e-6)
+    for k, v in out["off"][1].items():
+        torch.testing.assert_close(out["on"][1][k], v, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("schedule", "fast", "schedule='fast': use one of profuser, ramp"),
     ("divergence", "js", "divergence='js': use one of forward_kl"),
@@ -203,6 +272,7 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny_suite, build_dir, tmp_
     ("fusellm_lambda", 1.5, "fusellm_lambda=1.5: use a value in [0, 1]"),
     ("loss_chunk_size", 0, "loss_chunk_size=0: use an int >= 1"),
     ("switch_fraction", 2.0, "switch_fraction=2.0: use a fraction in [0, 1]"),
+    ("fused_loss", "yes", "fused_loss='yes': use one of auto, on, off"),
 ])
 def test_arguments_name_the_bad_value_and_the_fix(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message.replace("[", "\\[").replace("(", "\\(")):

@@ -186,6 +186,36 @@ def cached_training_set(suite: Path, n: int = 8, no_inference: tuple[int, ...] =
     return root / "build"
 
 
+def tied_target(suite: Path) -> Path:
+    """The tiny target (OLMo-2) with its output projection tied to the input embedding, built once
+    next to the suite: the fused loss's projection weight then also gets the embedding's gradient."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    out = suite.parent / f"{suite.name}-tied-target"
+    if not (out / ".complete").exists():
+        src = suite / "models" / "target"
+        tmp = Path(tempfile.mkdtemp(prefix=".tied-target-", dir=suite.parent))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src)
+            model.config.tie_word_embeddings = True
+            model.lm_head.weight = model.get_input_embeddings().weight
+            model.save_pretrained(tmp)
+            for f in src.iterdir():  # tokenizer and chat template
+                if not (tmp / f.name).exists():
+                    shutil.copy(f, tmp / f.name)
+            (tmp / ".complete").write_text("ok\n")
+            try:
+                os.rename(tmp, out)
+            except OSError:  # built concurrently by another process
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def run_config(suite: Path, run_dir: Path, wandb: bool = False, **train) -> dict:
     """A run config dict over the tiny suite with a fast, learnable train section (overridable)."""
     from conftest import tiny_config_dict

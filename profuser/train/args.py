@@ -14,6 +14,8 @@ from transformers import TrainingArguments
 from profuser.losses import DIVERGENCES, TEACHER_REST
 from profuser.schedule import PRESETS, RAMP_SHAPES, validate_custom_weights
 
+FUSED_LOSS = ("auto", "on", "off")
+
 
 def _help(text: str) -> dict:
     return {"help": text}
@@ -35,7 +37,8 @@ class FusionTrainingArguments(TrainingArguments):
     temperature: float = field(default=1.0, metadata=_help("Distillation temperature tau > 0."))
     teacher_rest: str = field(default="other", metadata=_help(f"Teacher mass off its stored entries: one of {TEACHER_REST}."))
     teacher_min_mass: float = field(default=0.0, metadata=_help("Positions whose teacher entries hold less mass: CE only."))
-    loss_chunk_size: int = field(default=256, metadata=_help("Sequence positions per fp32 loss chunk."))
+    loss_chunk_size: int = field(default=256, metadata=_help("Positions per fp32 loss chunk."))
+    fused_loss: str = field(default="auto", metadata=_help(f"Fused-linear loss: one of {FUSED_LOSS}."))
     pad_to_multiple_of: Optional[int] = field(default=None, metadata=_help("Pad sequence length to a multiple."))
 
     def __post_init__(self):
@@ -48,6 +51,8 @@ class FusionTrainingArguments(TrainingArguments):
             bad("ramp_shape", self.ramp_shape, f"use one of {', '.join(RAMP_SHAPES)}")
         if self.divergence not in DIVERGENCES:
             bad("divergence", self.divergence, f"use one of {', '.join(DIVERGENCES)}")
+        if self.fused_loss not in FUSED_LOSS:
+            bad("fused_loss", self.fused_loss, f"use one of {', '.join(FUSED_LOSS)} (auto = fused where supported)")
         if self.teacher_rest not in TEACHER_REST:
             bad("teacher_rest", self.teacher_rest, f"use one of {', '.join(TEACHER_REST)}")
         if isinstance(self.teacher_min_mass, bool) or not 0.0 <= self.teacher_min_mass <= 1.0:
@@ -124,7 +129,7 @@ def training_arguments(cfg, output_dir: str | Path, report_to: list[str]) -> Fus
         stage2_inference_weight=t.stage2_inference_weight, custom_weights=t.custom_weights,
         sample_mode=t.sample_mode, beta=t.beta, fusellm_lambda=t.fusellm_lambda, divergence=t.divergence,
         temperature=t.temperature, teacher_rest=t.teacher_rest, teacher_min_mass=t.teacher_min_mass,
-        loss_chunk_size=t.loss_chunk_size, pad_to_multiple_of=t.pad_to_multiple_of,
+        loss_chunk_size=t.loss_chunk_size, fused_loss=t.fused_loss, pad_to_multiple_of=t.pad_to_multiple_of,
         # optimisation
         learning_rate=t.learning_rate, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.per_device_train_batch_size,

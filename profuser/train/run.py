@@ -139,6 +139,10 @@ def train(cfg: RunConfig, data: Optional[str] = None, callbacks: Sequence = ()):
         pad_token_id=tok.pad_token_id, teacher_names=train_set.teacher_names,
         metrics_file=str(output_dir / "metrics.jsonl"),
     )
+    if report_to and args.process_index == 0:
+        import wandb
+
+        wandb.config.update({"loss_path": trainer.loss_path}, allow_val_change=True)  # which loss this run trains with
     try:
         trainer.train(resume_from_checkpoint=resume)
     except RuntimeError as e:  # torch.save's message for a write that ran out of space

@@ -25,9 +25,17 @@ p_m = w_m / (w_inf + w_train)), while N_m still counts every sample with mode m,
 E[loss] = sum_m (w_inf + w_train) * p_m * S_m(all) / N_m = the L above: unbiased, at about half the
 forward passes when both weights are non-zero. The logged per-mode ce/kd/loss are per-token means
 over the tokens actually forwarded.
+
+S_m is the fused-linear loss (``profuser.train.fused``: the trunk's last hidden state and the output
+projection, chunk by chunk, no [B, T, V] logits) where ``train.fused_loss`` and the model allow it,
+else ``fusion_loss`` over the model's logits; the path is logged once. With two modes in a
+micro-batch (stage 2), ``training_step`` runs one mode's forward and backward before the other's
+forward, so only one mode's activations are alive at a time: same gradient (a sum), and only the
+last backward ends the accumulation window.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +51,7 @@ from profuser.losses import fusion_loss
 from profuser.schedule import MODES, draw_modes, mode_weights, preset_beta, sampling_scale
 from profuser.train.collator import RawBatch, collate, count_targets, placeholder_mode
 from profuser.train.dataset import LengthGroupedSampler
+from profuser.train.fused import choose_loss_path, fused_forward
 
 log = logging.getLogger("profuser")
 COMPLETE = ".complete"  # written into checkpoint-N/ once every rank has finished saving it
@@ -110,6 +119,11 @@ class FusionTrainer(Trainer):
         self._last_weights = (float("nan"), float("nan"))
         self.forward_counts = {m: 0 for m in MODES}  # forward passes per mode (placeholders included)
         self.placeholder_forwards = 0  # of which placeholders (this rank had no sample of the mode)
+        # the fused-linear loss (no [B, T, V] logits) where train.fused_loss and the model allow it
+        self.head_spec, why = choose_loss_path(self.args.fused_loss, self.model)
+        self.loss_path = ("fused-linear" if self.head_spec is not None else "logits") + f" ({why})"
+        if self.args.process_index == 0:
+            log.info("loss path: %s", self.loss_path)
 
     # ---- schedule --------------------------------------------------------------------------
 
@@ -202,26 +216,64 @@ class FusionTrainer(Trainer):
     # ---- loss ------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """One forward pass per mode in the batch; ``fusion_loss`` sums scaled by the step's factors."""
-        a = self.args
-        beta = preset_beta(a.schedule, a.beta)
-        lam = None if a.schedule == "sft" else a.fusellm_lambda
-        no_kd = (beta == 0 and lam is None) or lam == 1.0  # D has weight 0: skip computing it
+        """One forward pass per mode in the batch; the modes' loss sums scaled by the step's factors."""
         loss = None
         for mode, b in inputs["modes"].items():
             self.forward_counts[mode] += 1
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-            parts = fusion_loss(
-                logits, b["labels"],
-                None if no_kd else b["topk_ids"], None if no_kd else b["topk_logprobs"],
-                beta=beta, divergence=a.divergence, temperature=a.temperature, fusellm_lambda=lam,
-                chunk_size=a.loss_chunk_size, rest=a.teacher_rest, min_mass=a.teacher_min_mass,
-            )
-            del logits  # only the loss's gradient buffer is needed for backward, not the logits
+            parts = self._mode_loss(model, b)
             term = parts.total_sum * inputs["scale"][mode]
             loss = term if loss is None else loss + term
             self._stats.add(mode, parts, b)
         return (loss, None) if return_outputs else loss
+
+    def _mode_loss(self, model, b: dict):
+        """LossParts (sums) of one mode's sub-batch: the fused-linear loss, or logits then ``fusion_loss``."""
+        a = self.args
+        beta = preset_beta(a.schedule, a.beta)
+        lam = None if a.schedule == "sft" else a.fusellm_lambda
+        no_kd = (beta == 0 and lam is None) or lam == 1.0  # D has weight 0: skip computing it
+        if no_kd:
+            b = {**b, "topk_ids": None, "topk_logprobs": None}
+        kw = dict(beta=beta, divergence=a.divergence, temperature=a.temperature, fusellm_lambda=lam,
+                  chunk_size=a.loss_chunk_size, rest=a.teacher_rest, min_mass=a.teacher_min_mass)
+        if self.head_spec is not None:
+            # the model's own forward is bypassed: enter the autocast accelerate would wrap it in
+            with self.accelerator.autocast():
+                return fused_forward(model, self.accelerator.unwrap_model(model), self.head_spec, b, **kw)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        return fusion_loss(logits, b["labels"], b["topk_ids"], b["topk_logprobs"], **kw)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Two modes in a micro-batch (stage 2): forward and backward one mode, then the other, so that
+        only one mode's graph (activations) is alive at a time. The gradient is the same sum as one
+        backward of both modes' loss; only the last mode's backward may end the accumulation window
+        (DeepSpeed's boundary and optimizer step, DDP's gradient sync)."""
+        modes = list(inputs["modes"])
+        if len(modes) < 2:
+            return super().training_step(model, inputs, num_items_in_batch)
+        total = None
+        for i, mode in enumerate(modes):
+            one = {"modes": {mode: inputs["modes"][mode]}, "scale": inputs["scale"]}
+            with contextlib.nullcontext() if i == len(modes) - 1 else self._accumulation_inside_window(model):
+                loss = super().training_step(model, one, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
+
+    @contextlib.contextmanager
+    def _accumulation_inside_window(self, model):
+        """A backward that only accumulates: not an accumulation boundary for DeepSpeed (no reduction
+        at the boundary, no optimizer step), no gradient sync for DDP/FSDP."""
+        state = self.accelerator.gradient_state
+        sync = state.sync_gradients
+        state._set_sync_gradients(False)
+        try:
+            if self.is_deepspeed_enabled:
+                yield
+            else:
+                with self.accelerator.no_sync(model):
+                    yield
+        finally:
+            state._set_sync_gradients(sync)
 
     def floating_point_ops(self, inputs) -> int:
         tokens = sum(int(b["attention_mask"].numel()) for b in inputs["modes"].values())
@@ -258,6 +310,7 @@ class FusionTrainer(Trainer):
                 if k < len(st.names) or teachers[j, k] > 0:
                     out[f"teacher_share/{m}/{name}"] = float(teachers[j, k] / samples)
         out["beta"] = beta
+        out["fused_loss"] = float(self.head_spec is not None)
         st.reset()
         return out
 
