@@ -15,8 +15,8 @@ and `token_logprobs`, the log-prob of every response token (the chain rule of pr
 
 How it runs at the hardware's speed:
 - The sequences of a shard (both modes) are sorted by length and grouped by a token budget
-  (`plan_batches`: sequences x longest <= prep.batch_tokens, at most prep.batch_size), so padding
-  is small; results go back to record order.
+  (`plan_batches`: sequences x longest <= prep.batch_tokens, at most prep.batch_size, padding at
+  most a tenth of the real tokens); results go back to record order.
 - The model body runs once per batch; the vocabulary projection (lm_head) is applied only to the
   positions that predict a response token, `prep.chunk_tokens` of them at a time, each chunk cast to
   fp32 for the log-sum-exp, the top-k and the label's log-prob. No [N, V] logits tensor exists for
@@ -74,19 +74,28 @@ class TeacherOut:
 # batching
 
 
+MAX_PADDING = 0.1  # a batch stops growing when its padding would exceed this share of its real tokens
+
+
 def plan_batches(lengths: list[int], batch_tokens: int, max_seqs: int) -> list[list[int]]:
-    """Indices of `lengths` grouped into batches, longest first (ties in index order): a batch grows
-    while (its size + 1) x its longest length <= batch_tokens and its size < max_seqs. A sequence
-    longer than the budget goes alone. Sorted input makes padding small: a batch's sequences differ
-    only by the spread of lengths within it."""
+    """Indices of `lengths` grouped into batches, longest first (ties in index order). A batch takes
+    the next sequence while its padded size (sequences x its longest) stays within batch_tokens, it
+    has fewer than max_seqs sequences, and its padding stays within MAX_PADDING of its real tokens;
+    a sequence longer than the budget goes alone. At scale the budget decides (sorted neighbours have
+    nearly equal lengths); with few, unequal sequences the padding rule splits them instead."""
     order = sorted(range(len(lengths)), key=lambda j: (-lengths[j], j))
     out: list[list[int]] = []
+    real = 0
     for j in order:
         b = out[-1] if out else None
-        if b is not None and len(b) < max_seqs and (len(b) + 1) * lengths[b[0]] <= batch_tokens:
-            b.append(j)
-        else:
-            out.append([j])
+        if b is not None and len(b) < max_seqs:
+            padded = (len(b) + 1) * lengths[b[0]]
+            if padded <= batch_tokens and padded - (real + lengths[j]) <= MAX_PADDING * (real + lengths[j]):
+                b.append(j)
+                real += lengths[j]
+                continue
+        out.append([j])
+        real = lengths[j]
     return out
 
 
@@ -249,12 +258,15 @@ def _launch(model, head, seqs: list[list[int]], n_resp: list[int], k: int, chunk
         keep[b, n - r:n] = True
         labels += s[len(s) - r:]
     cuda = device.type == "cuda"
-    ids, mask, keep = (t.pin_memory().to(device, non_blocking=True) if cuda else t for t in (ids, mask, keep))
+    rows = keep.view(-1).nonzero().squeeze(1)  # flat positions, found on the host: no device sync
+    ids, mask, keep, rows = (t.pin_memory().to(device, non_blocking=True) if cuda else t
+                             for t in (ids, mask, keep, rows))
     labels = torch.tensor(labels, dtype=torch.long).to(device, non_blocking=cuda)
     with torch.no_grad():
         if head is not None:
             body, project = head
-            hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[keep]  # [N, H]
+            hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # [N, H]
             res = _topk_chunks(lambda s, e: project(hidden[s:e]), hidden.shape[0], labels, k, chunk)
             del hidden
         else:
