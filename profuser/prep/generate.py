@@ -7,8 +7,9 @@ Generation stops at the template's end-of-turn token (or the model's EOS) or aft
 Seeds are per record: record j of source s samples with `record_seed(run seed, s, id_j)`, and every
 draw is a pure function of that seed, the step and the scores (`SeededSampler`: temperature, top-k,
 top-p, then the Gumbel-max trick with counter-based noise). So a response does not depend on which
-prompts share its batch, on the batch size, on their order or on the number of processes; in fp32
-batched decoding equals one prompt at a time (left padding, positions from the attention mask).
+prompts share its batch, on the batch size, on their order or on the number of processes; with
+left padding and positions from the attention mask, batched fp32 decoding gives the tokens of one
+prompt at a time (tests/test_generate.py), up to float ties.
 
 Backends:
 - `hf`: prompts sorted by length. On a CUDA device (`continuous_batching: auto`), transformers'

@@ -499,15 +499,16 @@ class TeacherStage(Stage):
         sd = ctx.stage_dir(self.name)
         writer = ThreadPoolExecutor(1, thread_name_prefix="teacher-write")  # Arrow + Parquet off the compute thread
         reader = ThreadPoolExecutor(1, thread_name_prefix="teacher-read")  # the next shard's reading and encoding
-        writes: list[Future] = []
+        writes: list[Future] = []  # in submission order, which is the (single) writer's completion order
+
+        def drain(limit: int) -> None:
+            """Wait until at most `limit` writes are pending; a failed write raises here."""
+            while writes and (writes[0].done() or len(writes) > limit):
+                writes.pop(0).result()
 
         def write(part: str, i: int, rows: list[dict], k: int, info: dict) -> None:
-            while len([f for f in writes if not f.done()]) >= 2:  # bound the rows held in memory
-                writes[0].result()
-                writes[:] = [f for f in writes if not f.done()]
             writes.append(writer.submit(lambda: sd.commit(part, i, rows_to_table(rows, k), info)))
-            for f in [f for f in writes if f.done()]:
-                f.result()  # a failed write stops the stage here
+            drain(2)  # bounds the rows held in memory
 
         try:
             for spec in ctx.cfg.sources:
@@ -527,15 +528,13 @@ class TeacherStage(Stage):
                         nxt = reader.submit(self._prepare, ctx, cm, j, j in tr, j in inf)
                     self._shard(ctx, cm, job, bar, write)
                 bar.close()
-                for f in writes:
-                    f.result()
+                drain(0)
                 del cm, job, nxt
                 free_memory()
         finally:
             reader.shutdown(wait=True)
             writer.shutdown(wait=True)
-        for f in writes:
-            f.result()
+        drain(0)
 
     def finalize(self, ctx, sd, parts, rejects):
         """Per-source summary lines: mean bits per byte and nats per token on the ground truth, and
