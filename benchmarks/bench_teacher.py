@@ -47,20 +47,23 @@ def write_data(path: Path, n: int) -> str:
 
 
 def batches(cfg, cm, run_dir: Path) -> list[tuple[list[list[int]], list[int]]]:
-    """The teacher stage's own batching of the training sequences: per shard, unique, longest first."""
+    """The teacher stage's own batching of the training sequences: per shard, unique, length-sorted,
+    grouped by `profuser.prep.teacher.plan_batches` (prep.batch_tokens, prep.batch_size)."""
     from profuser.chat import encode_chat
     from profuser.prep.shards import StageDir
+    from profuser.prep.teacher import plan_batches
 
     sd = StageDir(run_dir / "prep", "normalize")
-    out, bs = [], cfg.prep.batch_size
+    out = []
     for i in range(sd.manifest()["n_shards"]):
         seqs = {}
         for r in sd.read("records", i).to_pylist():
             e = encode_chat(cm.tokenizer, cm.template, r["messages"], r["reference"], cfg.data.max_length,
                             cfg.data.overlength)
             seqs.setdefault(tuple(e.input_ids), len(e.input_ids) - e.prompt_len)
-        order = sorted(seqs, key=lambda s: -len(s))
-        out += [([list(s) for s in order[j:j + bs]], [seqs[s] for s in order[j:j + bs]]) for j in range(0, len(order), bs)]
+        u = list(seqs)
+        for b in plan_batches([len(s) - 1 for s in u], cfg.prep.batch_tokens, cfg.prep.batch_size):
+            out.append(([list(u[j]) for j in b], [seqs[u[j]] for j in b]))
     return out
 
 

@@ -127,6 +127,31 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """Engine settings of the vLLM backend (one engine per rank, on that rank's local GPUs)."""
+
+    gpu_memory_utilization: float = _f(
+        0.85, help="Share of the GPU's memory the engine may take (weights, activations, KV cache).", gt=0.0, le=1.0
+    )
+    max_model_len: Optional[int] = _f(
+        None, help="Context length the engine is sized for; null = the source's max_length (else data.max_length) "
+        "plus max_new_tokens.", ge=8
+    )
+    tensor_parallel_size: int = _f(
+        1, help="GPUs per engine. Each rank takes that many of its node's GPUs: local ranks x this must not exceed "
+        "the GPUs visible on the node.", ge=1
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
+        "auto", help="Weight and activation dtype; auto = the source's dtype when it sets one, else vLLM's choice."
+    )
+    enforce_eager: bool = _f(False, help="Disable CUDA graphs (less memory and start-up time, slower decoding).")
+    seed: Optional[int] = _f(
+        None, help="Engine seed; null = the run's seed. Every request carries its own per-record seed, so this "
+        "does not change what is sampled."
+    )
+
+
+@dataclass
 class GenerateConfig:
     backend: Literal["hf", "vllm"] = _f("hf", help="hf works everywhere; vllm needs the vllm extra and a GPU.")
     max_new_tokens: int = _f(512, help="Cap on generated tokens per response.", ge=1)
@@ -134,14 +159,25 @@ class GenerateConfig:
     temperature: float = _f(1.0, help="Sampling temperature.", gt=0.0)
     top_p: float = _f(1.0, help="Nucleus sampling mass.", gt=0.0, le=1.0)
     top_k: int = _f(0, help="Sample only among the k most likely tokens; 0 = no top-k cut.", ge=0)
-    batch_size: int = _f(8, help="Prompts per generation batch.", ge=1)
+    batch_size: int = _f(
+        8, help="Prompts generated at once (static batches; the concurrency cap of continuous batching).", ge=1
+    )
+    continuous_batching: Literal["auto", "on", "off"] = _f(
+        "auto", help="hf backend: transformers' continuous batching (finished rows are refilled at once) instead "
+        "of static batches; auto = on a CUDA device when the model supports it."
+    )
+    vllm: VLLMConfig = _f(factory=VLLMConfig, help="vLLM engine settings (backend vllm).")
 
 
 @dataclass
 class PrepConfig:
     topk: int = _f(10, help="Teacher distribution entries kept per token.", ge=1, le=1024)
     shard_size: int = _f(256, help="Records per output shard (the unit of resume).", ge=1)
-    batch_size: int = _f(8, help="Sequences per teacher-forcing batch.", ge=1)
+    batch_size: int = _f(8, help="Most sequences per teacher-forcing batch (see batch_tokens).", ge=1)
+    batch_tokens: int = _f(
+        16384, help="Teacher forcing: padded tokens per batch. Sequences sorted by length are grouped while "
+        "(sequences x longest) stays within this and batch_size; a longer sequence goes alone.", ge=1
+    )
     generate: GenerateConfig = _f(factory=GenerateConfig, help="Response generation (inference mode).")
     vocab_mapping: Literal["prefix", "exact", "soft"] = _f(
         "prefix", help="Source->target token mapping when no target token has the same surface: prefix = the "
@@ -154,7 +190,8 @@ class PrepConfig:
         "token, end of turn included (the paper's and FuseLLM's rule)."
     )
     chunk_tokens: int = _f(
-        1024, help="Response positions whose logits are cast to fp32 at once for top-k and CE (memory bound).", ge=1
+        1024, help="Response positions projected onto the vocabulary at once (lm_head, then fp32 top-k and CE): "
+        "the teacher's logits never exceed chunk_tokens x vocabulary, whatever the batch.", ge=1
     )
     dist_timeout_minutes: int = _f(
         720, help="How long a rank waits at a barrier for the others (multi-process prep).", ge=1

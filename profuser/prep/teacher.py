@@ -13,22 +13,36 @@ token, end of turn included: the paper's rule) and `text_nll`/`text_bytes` (NLL 
 that encode the response text, and its UTF-8 bytes: bits per byte, comparable across tokenizers),
 and `token_logprobs`, the log-prob of every response token (the chain rule of profuser.transfer).
 
-The forward pass computes logits only at the positions that predict a response token (a boolean
-`logits_to_keep` mask, so no [B, T, V] tensor for the prompt), then works through them
-`prep.chunk_tokens` rows at a time in fp32: log-sum-exp, top-k, and the label's log-prob. Nothing
-is cast to a half type before the top-k; log-probs are rounded to float16 only for storage.
+How it runs at the hardware's speed:
+- The sequences of a shard (both modes) are sorted by length and grouped by a token budget
+  (`plan_batches`: sequences x longest <= prep.batch_tokens, at most prep.batch_size, padding at
+  most a tenth of the real tokens); results go back to record order.
+- The model body runs once per batch; the vocabulary projection (lm_head) is applied only to the
+  positions that predict a response token, `prep.chunk_tokens` of them at a time, each chunk cast to
+  fp32 for the log-sum-exp, the top-k and the label's log-prob. No [N, V] logits tensor exists for
+  a batch (a 262k vocabulary fits); nothing is cast to a half type before the top-k; log-probs are
+  rounded to float16 only for storage. A model whose head cannot be split off this way (checked once
+  against its own forward) uses its forward with a `logits_to_keep` mask instead.
+- On a GPU, batch b+1 is queued before batch b's results are copied back (pinned memory, async),
+  the next shard is read and chat-encoded by a helper thread, and Arrow conversion and Parquet
+  writes happen on a writer thread: the GPU does not wait for the CPU side.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
 
 from profuser.prep.stages import (Context, Progress, Stage, free_memory, model_deps, read_records, sidecar_info,
                                    up)
+
+log = logging.getLogger("profuser")
 
 SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -56,8 +70,102 @@ class TeacherOut:
     nll: np.ndarray  # [R] float64: -log p(token r), computed in fp32
 
 
+# --------------------------------------------------------------------------------------------
+# batching
+
+
+MAX_PADDING = 0.1  # a batch stops growing when its padding would exceed this share of its real tokens
+
+
+def plan_batches(lengths: list[int], batch_tokens: int, max_seqs: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into batches, longest first (ties in index order). A batch takes
+    the next sequence while its padded size (sequences x its longest) stays within batch_tokens, it
+    has fewer than max_seqs sequences, and its padding stays within MAX_PADDING of its real tokens;
+    a sequence longer than the budget goes alone. At scale the budget decides (sorted neighbours have
+    nearly equal lengths); with few, unequal sequences the padding rule splits them instead."""
+    order = sorted(range(len(lengths)), key=lambda j: (-lengths[j], j))
+    out: list[list[int]] = []
+    real = 0
+    for j in order:
+        b = out[-1] if out else None
+        if b is not None and len(b) < max_seqs:
+            padded = (len(b) + 1) * lengths[b[0]]
+            if padded <= batch_tokens and padded - (real + lengths[j]) <= MAX_PADDING * (real + lengths[j]):
+                b.append(j)
+                real += lengths[j]
+                continue
+        out.append([j])
+        real = lengths[j]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the forward pass: body once, vocabulary projection per chunk of response positions
+
+
+def _head_parts(model):
+    """(body, project) with project(body(ids, mask).last_hidden_state) == the model's logits, from the
+    HF conventions (base model + output embeddings, and the logit transforms some configs declare),
+    or None when the model does not follow them."""
+    import torch
+
+    body, head = getattr(model, "base_model", None), None
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        pass
+    if body is None or body is model or head is None:
+        return None
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
+    divide = getattr(cfg, "logits_scaling", None)  # Granite divides
+    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3 soft-cap
+
+    def project(h):
+        x = head(h)
+        if isinstance(scale, (int, float)) and scale != 1:
+            x = x * scale
+        if isinstance(divide, (int, float)) and divide != 1:
+            x = x / divide
+        if isinstance(cap, (int, float)) and cap:
+            x = torch.tanh(x / cap) * cap
+        return x
+
+    return body, project
+
+
+def split_head(model, probe: list[int]):
+    """The model's (body, project) if they reproduce its own logits on `probe` (checked once per
+    model and remembered), else None: the caller then uses the model's forward."""
+    import torch
+
+    cached = getattr(model, "_profuser_head", None)
+    if cached is not None:
+        return cached or None
+    parts = _head_parts(model)
+    ok = False
+    if parts is not None:
+        device = next(model.parameters()).device
+        ids = torch.tensor([probe[:16]], device=device)
+        try:
+            with torch.no_grad():
+                ref = model(input_ids=ids, use_cache=False).logits[0].float()
+                got = parts[1](parts[0](input_ids=ids, use_cache=False).last_hidden_state[0]).float()
+            tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
+            ok = got.shape == ref.shape and bool(((got - ref).abs() <= tol * (1 + ref.abs())).all())
+        except Exception as e:  # noqa: BLE001 — an architecture whose body cannot be called alone
+            log.info("teacher: %s: body/head split unavailable (%s: %s)", type(model).__name__, type(e).__name__, e)
+    if not ok:
+        log.warning("teacher: %s: cannot project hidden states onto the vocabulary per chunk (the head does not "
+                    "reproduce the model's logits); using the model's forward, whose logits are [positions, "
+                    "vocabulary] per batch", type(model).__name__)
+    model._profuser_head = parts if ok else False
+    return parts if ok else None
+
+
 def response_logits(model, input_ids, attention_mask, keep):
-    """Logits [N, V] (model dtype) at the N positions where `keep` [B, T] is True."""
+    """Logits [N, V] (model dtype) at the N positions where `keep` [B, T] is True (the fallback when
+    the head cannot be split off)."""
     if getattr(model, "_profuser_mask_logits", True):
         try:
             logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
@@ -76,26 +184,65 @@ def response_logits(model, input_ids, attention_mask, keep):
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[keep]
 
 
-def topk_from_logits(logits, labels, k: int, chunk: int):
-    """fp32 per chunk of rows: (nll [N] fp32, topk ids [N, k] int32, topk log-probs [N, k] fp32)."""
+def _topk_chunks(rows, n: int, labels, k: int, chunk: int):
+    """fp32 per chunk of `chunk` rows, where rows(s, e) gives the logits of rows s..e-1 in any dtype:
+    (nll [n], topk ids [n, k] int32, topk log-probs [n, k]) on the logits' device."""
     import torch
 
     nll, ids, lps = [], [], []
-    for s in range(0, logits.shape[0], chunk):
-        x = logits[s:s + chunk].float()
+    for s in range(0, n, chunk):
+        x = rows(s, min(s + chunk, n)).float()
         lse = torch.logsumexp(x, dim=-1)
         v, i = x.topk(k, dim=-1)
         lps.append(v - lse[:, None])
         ids.append(i.to(torch.int32))
         nll.append(lse - x.gather(1, labels[s:s + chunk, None]).squeeze(1))
-    cat = (lambda t: torch.cat(t).cpu()) if nll else (lambda t: torch.empty(0))
-    return cat(nll), cat(ids), cat(lps)
+        del x
+    if not nll:
+        return torch.empty(0), torch.empty((0, k), dtype=torch.int32), torch.empty((0, k))
+    return torch.cat(nll), torch.cat(ids), torch.cat(lps)
 
 
-def teacher_forward(model, seqs: list[list[int]], n_resp: list[int], k: int, chunk: int = 1024,
-                    pad_id: int = 0) -> list[TeacherOut]:
-    """Teacher-force a batch (right padding): for each sequence, its last n_resp tokens' mean CE and
-    top-k log-probs. Position t predicts token t+1, so a sequence's final token is never an input."""
+def topk_from_logits(logits, labels, k: int, chunk: int):
+    """fp32 per chunk of rows: (nll [N] fp32, topk ids [N, k] int32, topk log-probs [N, k] fp32), on CPU."""
+    nll, ids, lps = _topk_chunks(lambda s, e: logits[s:e], logits.shape[0], labels, k, chunk)
+    return nll.cpu(), ids.cpu(), lps.cpu()
+
+
+class _Launched:
+    """One batch's results on its device, on their way to the host (pinned memory, async on CUDA)."""
+
+    def __init__(self, idx: list[int], n_resp: list[int], tensors):
+        import torch
+
+        self.idx, self.n_resp = idx, n_resp
+        self.event = None
+        if tensors[0].device.type == "cuda":
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(host, tensors):
+                h.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            tensors = host
+        self.tensors = tensors
+
+    def collect(self) -> list[TeacherOut]:
+        if self.event is not None:
+            self.event.synchronize()
+        nll, ids, lps = (t.numpy() for t in self.tensors)
+        nll64 = nll.astype(np.float64)
+        out, at = [], 0
+        for r in self.n_resp:
+            out.append(TeacherOut(float(nll64[at:at + r].sum() / r) if r else float("nan"), ids[at:at + r],
+                                  lps[at:at + r].astype(np.float16), nll64[at:at + r]))
+            at += r
+        return out
+
+
+def _launch(model, head, seqs: list[list[int]], n_resp: list[int], k: int, chunk: int, pad_id: int,
+            idx: list[int]) -> _Launched:
+    """Queue one batch (right padding): for each sequence, its last n_resp tokens' NLL and top-k
+    log-probs. Position t predicts token t+1, so a sequence's final token is never an input."""
     import torch
 
     device = next(model.parameters()).device
@@ -110,16 +257,45 @@ def teacher_forward(model, seqs: list[list[int]], n_resp: list[int], k: int, chu
         mask[b, :n] = 1
         keep[b, n - r:n] = True
         labels += s[len(s) - r:]
+    cuda = device.type == "cuda"
+    rows = keep.view(-1).nonzero().squeeze(1)  # flat positions, found on the host: no device sync
+    ids, mask, keep, rows = (t.pin_memory().to(device, non_blocking=True) if cuda else t
+                             for t in (ids, mask, keep, rows))
+    labels = torch.tensor(labels, dtype=torch.long).to(device, non_blocking=cuda)
     with torch.no_grad():
-        logits = response_logits(model, ids.to(device), mask.to(device), keep.to(device))
-        nll, top_ids, top_lps = topk_from_logits(logits, torch.tensor(labels, device=device), k, chunk)
-    out, at = [], 0
-    nll64 = nll.double().numpy()
-    for r in n_resp:
-        out.append(TeacherOut(float(nll64[at:at + r].sum() / r) if r else float("nan"),
-                              top_ids[at:at + r].numpy(), top_lps[at:at + r].numpy().astype(np.float16),
-                              nll64[at:at + r]))
-        at += r
+        if head is not None:
+            body, project = head
+            hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # [N, H]
+            res = _topk_chunks(lambda s, e: project(hidden[s:e]), hidden.shape[0], labels, k, chunk)
+            del hidden
+        else:
+            logits = response_logits(model, ids, mask, keep)
+            res = _topk_chunks(lambda s, e: logits[s:e], logits.shape[0], labels, k, chunk)
+            del logits
+    return _Launched(idx, n_resp, res)
+
+
+def forward_batches(model, seqs: list[list[int]], n_resp: list[int], batches: list[list[int]], k: int,
+                    chunk: int = 1024, pad_id: int = 0) -> Iterator[tuple[list[int], list[TeacherOut]]]:
+    """(indices, outputs) per batch of `batches` (indices into seqs), in that order. Batch b+1 is
+    queued on the device before batch b's results are read on the host."""
+    if not batches:
+        return
+    head = split_head(model, seqs[batches[0][0]])
+    pending: Optional[_Launched] = None
+    for idx in batches:
+        nxt = _launch(model, head, [seqs[j] for j in idx], [n_resp[j] for j in idx], k, chunk, pad_id, idx)
+        if pending is not None:
+            yield pending.idx, pending.collect()
+        pending = nxt
+    yield pending.idx, pending.collect()
+
+
+def teacher_forward(model, seqs: list[list[int]], n_resp: list[int], k: int, chunk: int = 1024,
+                    pad_id: int = 0) -> list[TeacherOut]:
+    """Teacher-force one batch: for each sequence, its last n_resp tokens' mean CE and top-k log-probs."""
+    ((_, out),) = forward_batches(model, seqs, n_resp, [list(range(len(seqs)))], k, chunk, pad_id)
     return out
 
 
@@ -154,6 +330,29 @@ def rows_to_table(rows: list[dict], k: int) -> pa.Table:
     ], schema=SCHEMA)
 
 
+@dataclass
+class _Item:
+    """One (record, response) of one mode, encoded for this source."""
+
+    rec: dict
+    mode: str
+    response: str
+    enc: object  # profuser.chat.Encoded
+    text: np.ndarray  # [R] bool: the token encodes response text (text_nll)
+
+
+@dataclass
+class _ShardJob:
+    """A shard's CPU-side preparation (read and chat-encoded by the helper thread)."""
+
+    i: int
+    records: list
+    items: dict = field(default_factory=dict)  # mode -> [_Item] in record order
+    rejects: dict = field(default_factory=dict)  # mode -> [reject line]
+    n_in: dict = field(default_factory=dict)  # mode -> records considered
+    reused: dict = field(default_factory=dict)  # id -> training row read back from an earlier run
+
+
 class TeacherStage(Stage):
     name = "teacher"
     needs = ("normalize", "score")
@@ -170,99 +369,176 @@ class TeacherStage(Stage):
     def group(self, part: str) -> str:
         return part.split("/", 1)[1]  # both modes of a source on one rank: one model load, row reuse
 
-    # one source on a list of (record, response) ------------------------------------------
-    def _compute(self, ctx: Context, cm, items: list[tuple[dict, str]], mode: str, bar: Progress):
-        """Rows (in item order) and rejects; identical sequences are forwarded once."""
+    # CPU side of one shard (helper thread) ------------------------------------------------
+    def _encode(self, ctx: Context, cm, items: list[tuple[dict, str]], mode: str, cache: dict
+                ) -> tuple[list[_Item], list[dict]]:
         from profuser.chat import OverLength, encode_chat
 
         cfg, src = ctx.cfg, cm.name
         max_len = cm.spec.max_length or cfg.data.max_length
-        encoded, rejects = [], []
+        special = cm.tokenizer.all_special_ids
+        out, rejects = [], []
         for rec, resp in items:
-            try:
-                enc = encode_chat(cm.tokenizer, cm.template, rec["messages"], resp, max_len, cfg.data.overlength)
-            except OverLength as e:
-                rejects.append({"id": rec["id"], "mode": mode, "source": src, "kind": "over_length",
-                                "reason": f"{src}: {e} (data.overlength={cfg.data.overlength})"})
+            key = (rec["id"], resp)
+            if key not in cache:
+                try:
+                    enc = encode_chat(cm.tokenizer, cm.template, rec["messages"], resp, max_len, cfg.data.overlength)
+                    cache[key] = (enc, np.asarray(enc.text_tokens(resp, special), dtype=bool))
+                except OverLength as e:
+                    cache[key] = ("over_length", f"{src}: {e} (data.overlength={cfg.data.overlength})")
+                except Exception as e:  # noqa: BLE001 — a template that cannot render this response
+                    cache[key] = ("template_error", f"{src}: {type(e).__name__}: {e}")
+            enc, extra = cache[key]
+            if isinstance(enc, str):
+                rejects.append({"id": rec["id"], "mode": mode, "source": src, "kind": enc, "reason": extra})
                 continue
-            except Exception as e:  # noqa: BLE001 — a template that cannot render this response
-                rejects.append({"id": rec["id"], "mode": mode, "source": src, "kind": "template_error",
-                                "reason": f"{src}: {type(e).__name__}: {e}"})
-                continue
-            encoded.append((rec, resp, enc))
-        unique = list(dict.fromkeys(tuple(e.input_ids) for _, _, e in encoded))
-        n_resp = {u: len(u) - e.prompt_len for _, _, e in encoded for u in [tuple(e.input_ids)]}
-        order = sorted(range(len(unique)), key=lambda j: (-len(unique[j]), j))  # similar lengths together
+            out.append(_Item(rec, mode, resp, enc, extra))
+        return out, rejects
+
+    def _prepare(self, ctx: Context, cm, i: int, training: bool, inference: bool) -> _ShardJob:
+        src, sd = cm.name, ctx.stage_dir(self.name)
+        job = _ShardJob(i, read_records(ctx, i))
+        cache: dict = {}
+        if training:
+            job.n_in["training"] = len(job.records)
+            job.items["training"], job.rejects["training"] = self._encode(
+                ctx, cm, [(r, r["reference"]) for r in job.records], "training", cache)
+        if inference:
+            won = {r["id"] for r in ctx.stage_dir("score").read("scores", i, ["id", "winner"]).to_pylist()
+                   if r["winner"] == src}
+            gens = {r["id"]: r["response"] for r in
+                    ctx.stage_dir("generate").read(src, i, ["id", "response"]).to_pylist() if r["id"] in won}
+            items = [(r, gens[r["id"]]) for r in job.records if r["id"] in won]
+            job.n_in["inference"] = len(items)
+            same = {r["id"] for r, resp in items if resp == r["reference"]}
+            if same and not training:  # the training shard was finished in an earlier run: reuse its rows
+                job.reused = {r["id"]: r for r in sd.read(f"training/{src}", i).to_pylist() if r["id"] in same}
+            job.items["inference"], job.rejects["inference"] = self._encode(
+                ctx, cm, [it for it in items if it[0]["id"] not in job.reused], "inference", cache)
+        return job
+
+    # device side of one shard (main thread) -----------------------------------------------
+    def _forward(self, ctx: Context, cm, job: _ShardJob, bar: Progress) -> tuple[dict, dict]:
+        """Every unique sequence of the shard (both modes) forwarded once, length-sorted batches.
+        Returns ({sequence: TeacherOut}, {mode: tokens forwarded for sequences it needed first})."""
+        cfg = ctx.cfg
+        seqs: dict = {}
+        first: dict = {}
+        for mode, items in job.items.items():
+            for it in items:
+                u = tuple(it.enc.input_ids)
+                if u not in seqs:
+                    seqs[u] = len(u) - it.enc.prompt_len
+                    first[u] = mode
+        unique = list(seqs)
+        batches = plan_batches([len(u) - 1 for u in unique], cfg.prep.batch_tokens, cfg.prep.batch_size)
         results = {}
         pad = cm.tokenizer.pad_token_id or 0
-        for s in range(0, len(order), cfg.prep.batch_size):
-            batch = [unique[j] for j in order[s:s + cfg.prep.batch_size]]
-            outs = teacher_forward(cm.model, [list(u) for u in batch], [n_resp[u] for u in batch], cfg.prep.topk,
-                                   cfg.prep.chunk_tokens, pad)
-            results.update(zip(batch, outs))
-            bar.update(0, sum(n_resp[u] for u in batch))
+        for idx, outs in forward_batches(cm.model, [list(u) for u in unique], [seqs[u] for u in unique], batches,
+                                         cfg.prep.topk, cfg.prep.chunk_tokens, pad):
+            for j, o in zip(idx, outs):
+                results[unique[j]] = o
+            bar.update(0, sum(len(unique[j]) - 1 for j in idx))
+        forwarded = {m: 0 for m in job.items}
+        for u in unique:
+            forwarded[first[u]] += len(u) - 1
+        return results, forwarded
+
+    def _rows(self, cm, items: list[_Item], results: dict, rejects: list[dict]) -> list[dict]:
         rows = []
-        special = cm.tokenizer.all_special_ids
-        for rec, resp, enc in encoded:
-            o = results[tuple(enc.input_ids)]
+        for it in items:
+            o = results[tuple(it.enc.input_ids)]
             if not math.isfinite(o.ce) or np.isnan(o.topk_logprobs).any():
                 what = f"CE is {o.ce}" if not math.isfinite(o.ce) else "NaN in the top-k log-probs"
-                rejects.append({"id": rec["id"], "mode": mode, "source": src, "kind": "non_finite_ce",
-                                "reason": f"{src} teacher-forced on the {mode} response: {what}"})
+                rejects.append({"id": it.rec["id"], "mode": it.mode, "source": cm.name, "kind": "non_finite_ce",
+                                "reason": f"{cm.name} teacher-forced on the {it.mode} response: {what}"})
                 continue
-            text = np.asarray(enc.text_tokens(resp, special), dtype=bool)
-            rows.append({"id": rec["id"], "mode": mode, "source": src, "response": resp, "ce": o.ce,
-                         "text_nll": float(o.nll[text].sum()), "text_bytes": len(resp.encode("utf-8", "surrogatepass")),
-                         "text_tokens": int(text.sum()), "token_ids": enc.input_ids[enc.prompt_len:],
+            rows.append({"id": it.rec["id"], "mode": it.mode, "source": cm.name, "response": it.response,
+                         "ce": o.ce, "text_nll": float(o.nll[it.text].sum()),
+                         "text_bytes": len(it.response.encode("utf-8", "surrogatepass")),
+                         "text_tokens": int(it.text.sum()), "token_ids": it.enc.input_ids[it.enc.prompt_len:],
                          "token_logprobs": (-o.nll).astype(np.float16), "topk_ids": o.topk_ids,
                          "topk_logprobs": o.topk_logprobs})
-        return rows, rejects
+        return rows
+
+    def _shard(self, ctx: Context, cm, job: _ShardJob, bar: Progress, write) -> None:
+        src, k = cm.name, ctx.cfg.prep.topk
+        t0 = time.time()
+        results, forwarded = self._forward(ctx, cm, job, bar)
+        seconds = time.time() - t0
+        total = sum(forwarded.values())
+        share = {m: seconds * (f / total if total else 1 / len(forwarded)) for m, f in forwarded.items()}
+        train_rows = None
+        if "training" in job.items:
+            rejects = job.rejects["training"]
+            train_rows = self._rows(cm, job.items["training"], results, rejects)
+            write(f"training/{src}", job.i, train_rows, k,
+                  sidecar_info(job.n_in["training"], len(train_rows), rejects, share["training"],
+                               sum(len(r["token_ids"]) for r in train_rows),
+                               forward_tokens=forwarded["training"],
+                               tok_per_s=round(total / max(seconds, 1e-9), 1)))
+        if "inference" in job.items:
+            rejects = job.rejects["inference"]
+            rows = self._rows(cm, job.items["inference"], results, rejects)
+            by_id = {r["id"]: r for r in rows}
+            by_id.update({i: {**r, "mode": "inference"} for i, r in job.reused.items()})
+            reused = len(job.reused)
+            if train_rows is not None:  # a response equal to the reference is the training sequence, forwarded once
+                done = {r["id"] for r in train_rows}
+                reused += sum(it.response == it.rec["reference"] and it.rec["id"] in done
+                              for it in job.items["inference"])
+            rows = [by_id[r["id"]] for r in job.records if r["id"] in by_id]  # record order
+            write(f"inference/{src}", job.i, [_as_arrays(r, k) for r in rows], k,
+                  sidecar_info(job.n_in["inference"], len(rows), rejects, share["inference"],
+                               sum(len(r["token_ids"]) for r in rows), reused=reused,
+                               forward_tokens=forwarded["inference"],
+                               tok_per_s=round(total / max(seconds, 1e-9), 1)))
+        bar.update(len(job.records), 0)
 
     def run(self, ctx: Context, todo: dict[str, list[int]]) -> None:
-        cfg, sd = ctx.cfg, ctx.stage_dir(self.name)
-        k = cfg.prep.topk
-        for spec in cfg.sources:
-            src = spec.name
-            tr, inf = todo.get(f"training/{src}", []), todo.get(f"inference/{src}", [])
-            if not tr and not inf:
-                continue
-            cm = ctx.loader(spec)
-            shards = sorted(set(tr) | set(inf))
-            bar = Progress(ctx, sum(ctx.stage_dir("normalize").num_rows("records", i) for i in shards), f"teacher {src}")
-            for i in shards:
-                records = read_records(ctx, i)
-                train_rows = None
-                if i in tr:
-                    t0 = time.time()
-                    train_rows, rejects = self._compute(ctx, cm, [(r, r["reference"]) for r in records], "training", bar)
-                    sd.commit(f"training/{src}", i, rows_to_table(train_rows, k),
-                              sidecar_info(len(records), len(train_rows), rejects, time.time() - t0,
-                                           sum(len(r["token_ids"]) for r in train_rows)))
-                if i in inf:
-                    t0 = time.time()
-                    won = {r["id"] for r in ctx.stage_dir("score").read("scores", i, ["id", "winner"]).to_pylist()
-                           if r["winner"] == src}
-                    gens = {r["id"]: r["response"] for r in
-                            ctx.stage_dir("generate").read(src, i, ["id", "response"]).to_pylist() if r["id"] in won}
-                    items = [(r, gens[r["id"]]) for r in records if r["id"] in won]
-                    same = {r["id"] for r, resp in items if resp == r["reference"]}
-                    if same and train_rows is None:  # training shard finished in an earlier run
-                        train_rows = sd.read(f"training/{src}", i).to_pylist()
-                    reuse = {r["id"]: {**r, "mode": "inference"} for r in (train_rows or []) if r["id"] in same}
-                    rows, rejects = self._compute(ctx, cm, [it for it in items if it[0]["id"] not in reuse],
-                                                  "inference", bar)
-                    by_id = {**{r["id"]: r for r in rows}, **reuse}
-                    rows = [by_id[r["id"]] for r, _ in items if r["id"] in by_id]  # record order
-                    sd.commit(f"inference/{src}", i, rows_to_table([_as_arrays(r, k) for r in rows], k),
-                              sidecar_info(len(items), len(rows), rejects, time.time() - t0,
-                                           sum(len(r["token_ids"]) for r in rows), reused=len(reuse)))
-                bar.update(len(records), 0)
-            bar.close()
-            del cm
-            free_memory()
+        sd = ctx.stage_dir(self.name)
+        writer = ThreadPoolExecutor(1, thread_name_prefix="teacher-write")  # Arrow + Parquet off the compute thread
+        reader = ThreadPoolExecutor(1, thread_name_prefix="teacher-read")  # the next shard's reading and encoding
+        writes: list[Future] = []  # in submission order, which is the (single) writer's completion order
+
+        def drain(limit: int) -> None:
+            """Wait until at most `limit` writes are pending; a failed write raises here."""
+            while writes and (writes[0].done() or len(writes) > limit):
+                writes.pop(0).result()
+
+        def write(part: str, i: int, rows: list[dict], k: int, info: dict) -> None:
+            writes.append(writer.submit(lambda: sd.commit(part, i, rows_to_table(rows, k), info)))
+            drain(2)  # bounds the rows held in memory
+
+        try:
+            for spec in ctx.cfg.sources:
+                src = spec.name
+                tr, inf = set(todo.get(f"training/{src}", [])), set(todo.get(f"inference/{src}", []))
+                if not tr and not inf:
+                    continue
+                cm = ctx.loader(spec)
+                shards = sorted(tr | inf)
+                bar = Progress(ctx, sum(ctx.stage_dir("normalize").num_rows("records", i) for i in shards),
+                               f"teacher {src}")
+                nxt = reader.submit(self._prepare, ctx, cm, shards[0], shards[0] in tr, shards[0] in inf)
+                for n, i in enumerate(shards):
+                    job = nxt.result()
+                    if n + 1 < len(shards):
+                        j = shards[n + 1]
+                        nxt = reader.submit(self._prepare, ctx, cm, j, j in tr, j in inf)
+                    self._shard(ctx, cm, job, bar, write)
+                bar.close()
+                drain(0)
+                del cm, job, nxt
+                free_memory()
+        finally:
+            reader.shutdown(wait=True)
+            writer.shutdown(wait=True)
+        drain(0)
 
     def finalize(self, ctx, sd, parts, rejects):
-        """Per-source summary lines: mean bits per byte and nats per token on the ground truth."""
+        """Per-source summary lines: mean bits per byte and nats per token on the ground truth, and
+        the forward throughput per part."""
         import pyarrow.compute as pc
 
         n = ctx.stage_dir("normalize").manifest()["n_shards"]
@@ -275,7 +551,17 @@ class TeacherStage(Stage):
             ctx.say(f"teacher: {m.name} on the ground truths: {nll / (math.log(2) * nb):.3f} bits per byte of "
                     f"response text, {pc.mean(table['ce']).as_py():.3f} nats per own token (mean over "
                     f"{table.num_rows} responses)")
-        return {}
+        speed = {}
+        for part, v in parts.items():
+            fwd = sum(sd.sidecar(part, i).get("forward_tokens", 0) for i in range(n))
+            speed[part] = {"forward_tokens": fwd, "response_tokens": v.get("tokens", 0), "seconds": v.get("seconds", 0),
+                           "tok_per_s": round(fwd / v["seconds"], 1) if v.get("seconds") else None}
+        for m in ctx.cfg.sources:
+            ps = [speed.get(f"{mode}/{m.name}", {}) for mode in ("training", "inference")]
+            fwd, sec = sum(p.get("forward_tokens", 0) for p in ps), sum(p.get("seconds", 0) for p in ps)
+            if sec:
+                ctx.say(f"teacher: {m.name}: {fwd / sec:,.0f} tok/s forwarded ({fwd:,} tokens in {sec:.1f}s)")
+        return {"throughput": speed}
 
 
 def _as_arrays(row: dict, k: int) -> dict:
