@@ -86,13 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a model on data.eval_path: teacher-forced CE and perplexity on the "
                                    "ground truth, greedy responses scored by the run's scorers, win rate against "
                                    "each source's responses, per-skill breakdown; optional lm-eval tasks "
-                                   "(eval.lm_eval_tasks, needs the eval extra).")
+                                   "(eval.lm_eval_tasks, needs the eval extra). Models and model scorers run on the "
+                                   "model's device (auto = cuda:LOCAL_RANK, else cpu). Under a launcher "
+                                   "(`torchrun --nproc-per-node N -m profuser.cli eval ...` or `deepspeed --module "
+                                   "profuser.cli eval ...`) the records are split across the processes and rank 0 "
+                                   "writes results.json.")
+    p.__class__ = IntermixedParser  # overrides may also follow the options
     _add_config_args(p)
     p.add_argument("--model", required=True,
                    help="A trained model directory (e.g. RUN_DIR/train/final) or a source/target name from the config.")
     p.add_argument("--out", default=None, help="results.json path (default: RUN_DIR/eval/<model>/results.json).")
     p.add_argument("--no-compare", action="store_true", help="Skip the win rates against the sources.")
     add_skip_check(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from launchers
     p.set_defaults(func=cmd_eval)
 
     from profuser.report import cmd_report
