@@ -103,11 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from profuser.report import cmd_report
 
-    p = sub.add_parser("report", help="PNG figures and a Markdown summary of a run (no W&B account needed).",
-                       description="Render the run's prep statistics, training curves (loss parts per mode, "
-                                   "schedule weights, teacher shares) and eval results to RUN_DIR/report/.")
-    p.add_argument("run_dir", help="The run directory (the config's run_dir).")
-    p.add_argument("--out", default=None, help="Output directory (default: RUN_DIR/report).")
+    p = sub.add_parser("report", help="PNG figures and a Markdown summary of a run, or of several side by side.",
+                       description="One run directory: render its prep statistics, training curves (loss parts per "
+                                   "mode, schedule weights, teacher shares) and eval results to RUN_DIR/report/. "
+                                   "Several run directories, or a folder of them (a demo's --out): the evaluated "
+                                   "models side by side (every scorer and CE, overall and per skill, mean ± sd over "
+                                   "the runs, bars with error bars) and the teacher share per mode.")
+    p.add_argument("run_dir", nargs="+", help="Run directories (the configs' run_dir), or a folder holding them.")
+    p.add_argument("--out", default=None, help="Output directory (default: RUN_DIR/report for one run or folder, "
+                                               "./profuser-report for several).")
     p.set_defaults(func=cmd_report)
 
     from profuser.demo import add_arguments as add_demo_arguments, run_demo
