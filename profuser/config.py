@@ -264,7 +264,20 @@ class TrainConfig:
 class EvalConfig:
     max_new_tokens: int = _f(256, help="Generation cap for eval responses.", ge=1)
     batch_size: int = _f(8, help="Eval batch size.", ge=1)
-    lm_eval_tasks: list = _f(factory=list, help="lm-eval harness tasks (needs the eval extra).")
+    lm_eval_tasks: list = _f(
+        factory=list, help="lm-eval harness tasks run on the evaluated model as profuser loads it (device, dtype; "
+        "batch size eval.batch_size); needs the eval extra."
+    )
+    lm_eval_include_path: Optional[str] = _f(
+        None, help="A folder of your own lm-eval task YAMLs (e.g. `dataset_path: json` over local files) added to "
+        "lm-eval's registry."
+    )
+    lm_eval_chat_template: bool = _f(
+        True, help="Render lm-eval prompts with the evaluated model's chat template (a chat model is judged as it "
+        "is used); false = plain text prompts."
+    )
+    lm_eval_num_fewshot: Optional[int] = _f(None, help="lm-eval few-shot examples; null = each task's default.", ge=0)
+    lm_eval_limit: Optional[int] = _f(None, help="lm-eval: at most this many documents per task (smoke runs).", ge=1)
 
 
 @dataclass
@@ -464,6 +477,7 @@ def missing_paths(cfg: RunConfig) -> list[str]:
     need("data.path", cfg.data.path)
     need("data.eval_path", cfg.data.eval_path)
     need("train.deepspeed", cfg.train.deepspeed)
+    need("eval.lm_eval_include_path", cfg.eval.lm_eval_include_path)
     return out
 
 

@@ -16,14 +16,28 @@ from typing import Optional
 
 SKILLS = ("arithmetic", "spelling", "capitals")
 
+# Each skill's space is several times larger than what a fusion set of a few examples per skill
+# covers, so a specialist pre-trained on the whole space knows more than the fusion set teaches.
 _WORDS = ["cat", "dog", "sun", "map", "pen", "cup", "box", "hat", "net", "jam", "log", "fig",
-          "owl", "ant", "bus", "car", "egg", "ink", "key", "leg", "mud", "nut", "oak", "pig"]
+          "owl", "ant", "bus", "car", "egg", "ink", "key", "leg", "mud", "nut", "oak", "pig",
+          "bed", "cow", "fox", "gem", "hen", "ice", "jar", "kit", "lid", "mop", "nap", "oar",
+          "pot", "rag", "sea", "tub", "urn", "van", "web", "yak", "zip", "arm", "bat", "cab",
+          "den", "elf", "fan", "gum", "hut", "ivy", "jet", "kid", "lamp", "milk", "nest", "pond",
+          "rope", "sock", "tent", "wolf"]
 _CAPITALS = {
     "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Peru": "Lima", "Egypt": "Cairo",
     "Spain": "Madrid", "Chile": "Santiago", "Kenya": "Nairobi", "Cuba": "Havana", "Iran": "Tehran",
     "Mali": "Bamako", "Fiji": "Suva", "Laos": "Vientiane", "Oman": "Muscat", "Chad": "Ndjamena",
-    "Togo": "Lome",
+    "Togo": "Lome", "Germany": "Berlin", "Russia": "Moscow", "China": "Beijing", "Canada": "Ottawa",
+    "Brazil": "Brasilia", "Greece": "Athens", "Turkey": "Ankara", "Poland": "Warsaw", "Austria": "Vienna",
+    "Sweden": "Stockholm", "Norway": "Oslo", "Finland": "Helsinki", "Denmark": "Copenhagen",
+    "Ireland": "Dublin", "Portugal": "Lisbon", "Hungary": "Budapest", "Romania": "Bucharest",
+    "Thailand": "Bangkok", "Vietnam": "Hanoi", "Nepal": "Kathmandu", "Ghana": "Accra", "Nigeria": "Abuja",
+    "Morocco": "Rabat", "Iraq": "Baghdad", "Syria": "Damascus", "Jordan": "Amman", "Qatar": "Doha",
+    "Ecuador": "Quito", "Colombia": "Bogota", "Venezuela": "Caracas", "Uruguay": "Montevideo",
+    "Senegal": "Dakar",
 }
+SPACE = {"arithmetic": 100, "spelling": len(_WORDS), "capitals": len(_CAPITALS)}  # distinct prompts per skill
 
 
 def make_example(skill: str, rng: random.Random) -> tuple[str, str]:

@@ -1,13 +1,20 @@
-"""`profuser report RUN_DIR`: the dashboard's figures as PNG + a Markdown summary, from the run
-directory alone (for runs without a W&B account).
+"""`profuser report RUN_DIR...`: the dashboard's figures as PNG + a Markdown summary, from the run
+directories alone (for runs without a W&B account).
 
-Reads what the stages write: prep/stats.json and the score/teacher shards (distributions, win
-rates), every training output's metrics.jsonl (RUN_DIR/train*/metrics.jsonl: loss parts per mode,
-schedule weights, teacher shares), and eval results (RUN_DIR/eval/*/results.json).
+One run: reads what the stages write: prep/stats.json and the score/teacher shards (distributions,
+win rates), every training output's metrics.jsonl (RUN_DIR/train*/metrics.jsonl: loss parts per
+mode, schedule weights, teacher shares), and eval results (RUN_DIR/eval/*/results.json).
+
+Several runs (several RUN_DIRs, or a directory holding run directories such as a demo's seed-N/):
+the models evaluated in them side by side — every scorer's mean and the CE per model, overall and
+per skill, as mean ± sample standard deviation over the runs that evaluated the model, drawn as
+bars with error bars — and the teacher share of each source per mode (and skill) from each run's
+training set, averaged over the runs.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -220,11 +227,197 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------------------------
+# several runs side by side
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "prep").is_dir() or (path / "eval").is_dir() or
+                              any(path.glob("train*/metrics.jsonl")))
+
+
+def expand_run_dirs(paths: list[str | Path]) -> list[Path]:
+    """Each path that is a run directory, else the run directories directly inside it (sorted)."""
+    out = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise FileNotFoundError(f"run directory {str(p)!r} does not exist")
+        inner = [] if is_run_dir(p) else sorted(d for d in p.iterdir() if is_run_dir(d))
+        if not is_run_dir(p) and not inner:
+            raise FileNotFoundError(f"{p}: nothing to report (neither a run directory nor a folder of run directories)")
+        out += [p] if is_run_dir(p) else inner
+    return list(dict.fromkeys(out))
+
+
+def mean_sd(values: list[float]) -> tuple[float, float, int]:
+    """(mean, sample standard deviation (n - 1), n); sd is 0 for a single value; NaNs are left out."""
+    import numpy as np
+
+    a = np.asarray([v for v in values if v == v], dtype=np.float64)
+    if a.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0, int(a.size)
+
+
+def teacher_shares(run_dir: str | Path, sources: Optional[list[str]] = None) -> dict:
+    """{mode: {group: {source: share}}}: who teaches each sample of the training set (the build
+    output's `{mode}_teacher`, i.e. after fallbacks); group = the record's `skill` (its meta) or "all".
+    Sources from prep/stats.json unless given. {} when the run has no training set."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from collections import Counter, defaultdict
+
+    run_dir = Path(run_dir)
+    files = sorted((run_dir / "prep" / "build").glob("*.parquet"))
+    if not files:
+        return {}
+    if sources is None:
+        stats = run_dir / "prep" / "stats.json"
+        sources = list(json.loads(stats.read_text()).get("win_rate", {}).get("training", {})) or None \
+            if stats.exists() else None  # config order
+    cols = ["id", "meta", "training_teacher", "inference_teacher"]
+    table = pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
+    counts: dict = defaultdict(lambda: defaultdict(Counter))
+    for row in table.to_pylist():
+        meta = json.loads(row["meta"] or "{}") if isinstance(row["meta"], str) else (row["meta"] or {})
+        group = str(meta.get("skill", "all"))
+        for m in MODES:
+            if row[f"{m}_teacher"] is not None:
+                counts[m][group][row[f"{m}_teacher"]] += 1
+    names = sources or sorted({s for per in counts.values() for c in per.values() for s in c})
+    return {m: {g: {s: c[s] / sum(c.values()) for s in names} for g, c in sorted(per.items())}
+            for m, per in counts.items()}
+
+
+def compare_runs(run_dirs: list[Path]) -> dict:
+    """Every evaluated model across the runs: {"models": {name: {"runs": [...], "overall": {metric:
+    [value per run]}, "by_skill": {skill: {metric: [...]}}}}, "metrics": [...], "skills": [...],
+    "teacher_share": {"per_run": {run: shares}, "mean": {mode: {group: {source: mean}}}}}.
+    Metrics: "ce" and every scorer's mean (for exact_match, the accuracy)."""
+    models: dict = {}
+    metrics: list[str] = ["ce"]
+    skills: list[str] = []
+    for rd in run_dirs:
+        for p in sorted((rd / "eval").glob("*/results.json")) if (rd / "eval").is_dir() else []:
+            r = json.loads(p.read_text())
+            m = models.setdefault(r["model"], {"runs": [], "overall": {}, "by_skill": {}})
+            m["runs"].append(rd.name)
+            vals = {"ce": r["ce"], **r.get("scores", {})}
+            for k, v in vals.items():
+                m["overall"].setdefault(k, []).append(v)
+                if k not in metrics:
+                    metrics.append(k)
+            for sk, b in (r.get("by_skill") or {}).items():
+                if sk not in skills:
+                    skills.append(sk)
+                for k, v in {"ce": b["ce"], **b.get("scores", {})}.items():
+                    m["by_skill"].setdefault(sk, {}).setdefault(k, []).append(v)
+    per_run = {rd.name: teacher_shares(rd) for rd in run_dirs}
+    mean: dict = {}
+    for shares in per_run.values():
+        for mode, per in shares.items():
+            for g, by_src in per.items():
+                for s, v in by_src.items():
+                    mean.setdefault(mode, {}).setdefault(g, {}).setdefault(s, []).append(v)
+    mean = {mode: {g: {s: mean_sd(v)[0] for s, v in by.items()} for g, by in per.items()} for mode, per in mean.items()}
+    # a single "all" skill is no breakdown
+    if skills == ["all"]:
+        skills = []
+    return {"runs": [str(r) for r in run_dirs], "models": models, "metrics": metrics, "skills": skills,
+            "teacher_share": {"per_run": per_run, "mean": mean}}
+
+
+def _pm(values: list[float], fmt: str = "{:.3f}") -> str:
+    mu, sd, n = mean_sd(values)
+    if n == 0:
+        return ""
+    return fmt.format(mu) + (f" ± {fmt.format(sd)}" if n > 1 else "") + f" (n={n})"
+
+
+def plot_comparison(cmp: dict, out: Path) -> list[Path]:
+    import numpy as np
+
+    paths = []
+    names = list(cmp["models"])
+    groups = ["overall", *cmp["skills"]]
+    for metric in cmp["metrics"]:
+        fig, axes = _figure(1, f"{metric}: mean ± sd over runs" + (" (lower is better)" if metric == "ce" else ""))
+        ax = axes[0]
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            m = cmp["models"][name]
+            stats = [mean_sd(m["overall"].get(metric, []) if g == "overall" else m["by_skill"].get(g, {}).get(metric, []))
+                     for g in groups]
+            xs = np.arange(len(groups)) + i * width
+            ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3,
+                   label=f"{name} (n={max(s[2] for s in stats)})")
+        ax.set_xticks(np.arange(len(groups)) + width * (len(names) - 1) / 2, groups)
+        ax.legend(fontsize=7, ncol=2)
+        paths.append(_save(fig, out / f"compare_{metric}.png"))
+    share = cmp["teacher_share"]["mean"]
+    if share:
+        modes = [m for m in MODES if m in share]
+        fig, axes = _figure(len(modes), "Teacher share per mode (mean over runs; after fallbacks)")
+        for ax, mode in zip(axes, modes):
+            per = share[mode]
+            gs = list(per)
+            srcs = list(dict.fromkeys(s for g in gs for s in per[g]))
+            width = 0.8 / max(1, len(srcs))
+            for j, s in enumerate(srcs):
+                ax.bar(np.arange(len(gs)) + j * width, [per[g].get(s, 0.0) for g in gs], width, label=s)
+            ax.set_xticks(np.arange(len(gs)) + width * (len(srcs) - 1) / 2, gs)
+            ax.set_ylim(0, 1.05)
+            ax.set_title(f"{mode} mode")
+            ax.legend(fontsize=7)
+        paths.append(_save(fig, out / "compare_teacher_share.png"))
+    return paths
+
+
+def write_comparison(paths: list[str | Path], out: Optional[str | Path] = None) -> Path:
+    """The side-by-side report of several runs (or a folder of runs) to `out` (default: the folder's
+    report/ when one folder was given, else ./profuser-report)."""
+    run_dirs = expand_run_dirs(paths)
+    if out is None:
+        out = Path(paths[0]) / "report" if len(paths) == 1 else Path("profuser-report")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cmp = compare_runs(run_dirs)
+    if not cmp["models"] and not cmp["teacher_share"]["mean"]:
+        raise FileNotFoundError(f"{', '.join(map(str, paths))}: nothing to compare (no eval/*/results.json, no training set)")
+    md = [f"# ProFuser runs side by side ({len(run_dirs)} runs)", "", "Runs: " + ", ".join(f"`{r}`" for r in cmp["runs"]),
+          "", "Mean ± sample standard deviation over the runs that evaluated each model (n = how many).", ""]
+    for metric in cmp["metrics"]:
+        md += [f"## {metric}" + (" (nats per token on the references; lower is better)" if metric == "ce" else ""), ""]
+        rows = [[name, _pm(m["overall"].get(metric, []))] +
+                [_pm(m["by_skill"].get(sk, {}).get(metric, [])) for sk in cmp["skills"]]
+                for name, m in cmp["models"].items()]
+        md += [_table(["model", "overall", *cmp["skills"]], rows), ""]
+    share = cmp["teacher_share"]["mean"]
+    if share:
+        md += ["## Teacher share per mode", "", "Share of training samples each source teaches (the training set's "
+               "teacher, after fallbacks), mean over runs:", ""]
+        srcs = list(dict.fromkeys(s for per in share.values() for g in per.values() for s in g))
+        rows = [[mode, g] + [f"{per[g].get(s, 0.0):.1%}" for s in srcs] for mode, per in share.items() for g in per]
+        md += [_table(["mode", "group", *srcs], rows), ""]
+    images = plot_comparison(cmp, out)
+    md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in images]
+    reports = [rd / "report" / "report.md" for rd in run_dirs if (rd / "report" / "report.md").exists()]
+    if reports:
+        md += ["", "Per-run reports: " + ", ".join(f"[{p.parent.parent.name}]({os.path.relpath(p, out)})" for p in reports)]
+    (out / "compare.json").write_text(json.dumps(cmp, indent=1))
+    path = out / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    return path
+
+
 def cmd_report(args) -> int:
     import sys
 
+    dirs = list(args.run_dir)
     try:
-        path = write_report(args.run_dir, args.out)
+        single = len(dirs) == 1 and is_run_dir(Path(dirs[0]))
+        path = write_report(dirs[0], args.out) if single else write_comparison(dirs, args.out)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -113,3 +113,54 @@ def test_report_on_an_empty_dir_fails_clearly(tmp_path):
     out = subprocess.run([sys.executable, "-m", "profuser.cli", "report", str(tmp_path)], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "nothing to report" in out.stderr
+
+
+def _run_with_results(run: Path, accs: dict, teachers: list) -> Path:
+    """A run directory as eval and build leave it: eval/<model>/results.json per model, and a
+    training-set shard with each sample's skill (meta) and its teacher per mode."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for model, (a, b) in accs.items():
+        res = {"model": model, "path": str(run / model), "n_records": 4, "ce": 2.0 - a, "perplexity": math.exp(2.0 - a),
+               "scores": {"exact_match": (a + b) / 2},
+               "by_skill": {"alpha": {"n": 2, "ce": 2.0 - a, "scores": {"exact_match": a}},
+                            "beta": {"n": 2, "ce": 2.0 - a, "scores": {"exact_match": b}}},
+               "win_rate": {}}
+        (run / "eval" / model).mkdir(parents=True)
+        (run / "eval" / model / "results.json").write_text(json.dumps(res))
+    rows = [{"id": f"r{i}", "meta": json.dumps({"skill": skill}), "training_teacher": t, "inference_teacher": u}
+            for i, (skill, t, u) in enumerate(teachers)]
+    (run / "prep" / "build").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), run / "prep" / "build" / "shard-00000.parquet")
+    return run
+
+
+def test_report_compares_runs_with_error_bars_and_teacher_shares(tmp_path):
+    root = tmp_path / "demo"
+    teach = [("alpha", "src_a", "src_a"), ("alpha", "src_a", "src_b"), ("beta", "src_b", "src_b"), ("beta", "src_b", None)]
+    _run_with_results(root / "seed-0", {"fused": (0.5, 1.0), "plain": (0.5, 0.5), "src_a": (1.0, 0.0)}, teach)
+    _run_with_results(root / "seed-1", {"fused": (0.7, 1.0), "plain": (0.5, 0.5)}, teach[:3] + [("beta", "src_a", "src_b")])
+    (root / "models").mkdir()  # not a run directory: left out
+    out = subprocess.run([sys.executable, "-m", "profuser.cli", "report", str(root)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    md = (root / "report" / "report.md").read_text()
+    assert "(2 runs)" in md and "seed-0" in md and "models" not in md.split("## ")[0]
+    # exact_match of "fused": overall 0.75 and 0.85 -> 0.800 ± 0.071; per skill alpha 0.5, 0.7 -> 0.600 ± 0.141
+    line = next(l for l in md.splitlines() if l.startswith("| fused |") and "0.800" in l)
+    assert "0.800 ± 0.071 (n=2)" in line and "0.600 ± 0.141 (n=2)" in line and "1.000 ± 0.000 (n=2)" in line
+    assert "| src_a | 0.500 (n=1) |" in md  # evaluated in one run only: no sd
+    # teacher shares, mean over the runs: training/beta is src_b in run 0 (2 of 2) and 1 of 2 in run 1
+    share = next(l for l in md.splitlines() if l.startswith("| training | beta |"))
+    assert "75.0%" in share and "25.0%" in share
+    inf = next(l for l in md.splitlines() if l.startswith("| inference | beta |"))
+    assert "100.0%" in inf  # a sample without inference mode is not counted
+    for name in ("compare_exact_match", "compare_ce", "compare_teacher_share"):
+        _png_ok(root / "report" / f"{name}.png")
+    cmp = json.loads((root / "report" / "compare.json").read_text())
+    assert cmp["models"]["fused"]["overall"]["exact_match"] == [0.75, 0.85]
+    # the same runs named one by one, to another folder
+    out2 = subprocess.run([sys.executable, "-m", "profuser.cli", "report", str(root / "seed-0"), str(root / "seed-1"),
+                           "--out", str(tmp_path / "cmp")], capture_output=True, text=True, timeout=300)
+    assert out2.returncode == 0 and (tmp_path / "cmp" / "report.md").read_text() == md
