@@ -48,6 +48,23 @@ def _first_parts(run: Path) -> dict[str, list[str]]:
     return {st: list(StageDir(run / "prep", st).manifest()["parts"]) for st in STAGE_NAMES}
 
 
+def _same_rows(a, b) -> bool:
+    """Equal tables, floats up to batching noise: a redone teacher shard is forwarded in batches
+    of its own sequences only (prep.batch_tokens), so its padding and float sums may differ."""
+    import math
+
+    def same(x, y) -> bool:
+        if isinstance(x, float) and isinstance(y, float):
+            return math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-5) or (math.isnan(x) and math.isnan(y))
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        return x == y
+
+    return a.schema.equals(b.schema) and same(a.to_pylist(), b.to_pylist())
+
+
 @pytest.mark.slow
 def test_truncated_and_empty_shards_of_every_stage_are_redone(prepped, tmp_path, capfd):
     d, run = _copy_run(prepped, tmp_path)
@@ -64,7 +81,7 @@ def test_truncated_and_empty_shards_of_every_stage_are_redone(prepped, tmp_path,
     assert all(ran.values()), ran  # every stage had a shard to redo ...
     for path, table in damaged.items():
         assert f"{path} is damaged" in out, path
-        assert pq.read_table(path).equals(table), path  # ... and redid it to the same rows
+        assert _same_rows(pq.read_table(path), table), path  # ... and redid it to the same rows
     assert "INVALIDATED" not in out
     # nothing else was redone: one "already done; skipping them" line per part that was damaged
     again = run_prep(parse_config(d))
