@@ -1,4 +1,4 @@
-"""python benchmarks/bench_transfer.py [--teacher-sentences 6000] [--student-sentences 200] [--seed 0]
+"""python benchmarks/bench_transfer.py [--teacher-sentences 3000] [--student-sentences 200] [--seed 0]
 
 Does the transferred teacher signal carry the teacher's knowledge across tokenizers?
 
@@ -185,14 +185,14 @@ def distill_rows(student: ChatSide, teacher: ChatSide, trows: list[dict], rule: 
     from profuser.align import align_response, same_tokenizer
     from profuser.chat import split_response
     from profuser.prep.align_stage import Pair, Target, align_sample
-    from profuser.vocab_map import TargetLookup, aligned_topk, build_vocab_map, pair_tables
+    from profuser.vocab_map import aligned_topk, build_vocab_map, pair_tables
 
     pairs = {teacher.eot: student.eot}
     same = same_tokenizer(teacher.tokenizer, student.tokenizer)
     first, by_byte = pair_tables(teacher.tokenizer, student.tokenizer, "prefix", pairs)
     exact = build_vocab_map(teacher.tokenizer, student.tokenizer, "exact", pairs)
     pair = Pair(teacher.family, teacher, teacher.eot, same, same and teacher.eot == student.eot, first, by_byte,
-                1.0, "spans", TargetLookup(student.tokenizer))
+                1.0, "spans")
     tgt = Target(student, student.eot, 4096)
     msgs = PROMPT
     rows, covered, positions = [], 0, 0
@@ -228,11 +228,11 @@ def distill_rows(student: ChatSide, teacher: ChatSide, trows: list[dict], rule: 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher-sentences", type=int, default=6000, help="sentences each teacher is trained on")
+    p.add_argument("--teacher-sentences", type=int, default=3000, help="sentences each teacher is trained on")
     p.add_argument("--student-sentences", type=int, default=200, help="sentences the students are trained on")
-    p.add_argument("--held-out", type=int, default=400, help="fresh sentences for the bits-per-byte figures")
-    p.add_argument("--teacher-steps", type=int, default=1500, help="teacher training steps (batch 32)")
-    p.add_argument("--student-steps", type=int, default=300, help="student training steps (batch 16)")
+    p.add_argument("--held-out", type=int, default=200, help="fresh sentences for the bits-per-byte figures")
+    p.add_argument("--teacher-steps", type=int, default=400, help="teacher training steps (batch 32)")
+    p.add_argument("--student-steps", type=int, default=150, help="student training steps (batch 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the chain, the data and the inits")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these tiny models, and on a loaded machine)")
     args = p.parse_args(argv)

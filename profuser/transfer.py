@@ -2,8 +2,8 @@
 
 The rule, for target token t_j covering response bytes [a, b) (spans from profuser.align, relative
 to where the response starts in each chat rendering; a target token that begins in the template
-before the response — Vicuna's `▁The` after "ASSISTANT:" — is taught from byte 0 on, its template
-bytes being given, and its alternatives are those bytes + each candidate's text):
+before the response — Vicuna's `▁The` after "ASSISTANT:" — gets its own probability from byte 0 on,
+its template bytes being given, and no alternatives, see step 2):
 
 1. Head. Let s_i be the source token whose byte span [c, d) contains byte a, and delta = a - c
    the bytes of s_i that the prefix already holds. Row i of the teacher is p(next source token |
@@ -36,15 +36,12 @@ tokens of the two templates are paired explicitly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 
 from profuser.align import ResponseTokens, Surfaces
 from profuser.vocab_map import PAD_ID, merge_entries
-
-if TYPE_CHECKING:
-    from profuser.vocab_map import TargetLookup
 
 
 @dataclass
@@ -89,7 +86,7 @@ def _logsumexp_rows(lp: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surfaces,
             first: np.ndarray, prefix_tab: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray,
             token_logprobs: np.ndarray, k: int, eot: Optional[tuple[int, int]] = None,
-            pairs: Optional[np.ndarray] = None, lookup: Optional["TargetLookup"] = None) -> Transfer:
+            pairs: Optional[np.ndarray] = None) -> Transfer:
     """Teacher distributions for the target response tokens by the rule in the module docstring.
 
     src/tgt: response-region tokens of the two renderings (profuser.align.response_tokens); n_resp:
@@ -99,10 +96,7 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
     (vocab_map.prefix_table); topk_* [n, K] and token_logprobs [n]: the teacher rows of the source
     response tokens (row r predicts src.ids[r]); eot: (source index, target index) of the paired
     end-of-turn tokens; pairs: optional int64 [m] target -> source index from MinED (tokenizers
-    without offsets): then only those 1:1 pairs are used; lookup: bytes -> target id by the same rule
-    as the tables (vocab_map.TargetLookup), for a target token that starts in the template before the
-    response (its alternatives are the template bytes + each candidate's text; without `lookup` such
-    a position gets its label only).
+    without offsets): then only those 1:1 pairs are used.
     """
     n, m = len(src.ids), len(tgt.ids)
     ids_out = np.full((m, k), PAD_ID, dtype=np.int64)
@@ -173,15 +167,12 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
     tgt_id = np.where(dJ[:, None] == 0, first[np.clip(cand, 0, len(first) - 1)],
                       prefix_tab[np.clip(surf.offsets[safe] + dJ[:, None], 0, len(prefix_tab) - 1)])
     tgt_id = np.where(alt & ~(surf.special[safe] & (dJ[:, None] > 0)), tgt_id, PAD_ID)
-    for q in np.flatnonzero(straddle[J]):  # at most one position per sequence: a short Python loop
-        j = J[q]
-        given = tgt.text[tgt.base + tgt.starts[j]:tgt.base].tobytes()  # the target's template bytes
-        for c in np.flatnonzero(tgt_id[q] >= 0):
-            t = -1
-            if lookup is not None:
-                t = lookup(given + surf.surfaces[cand[q, c]][dJ[q]:])
-                t = t if t >= 0 and lookup.lengths[t] > len(given) else -1  # must reach into the response
-            tgt_id[q, c] = t
+    # a target token that starts in the template: the source's candidates are pieces of the answer's
+    # first word without the template's bytes, and the target token each would start with (" " +
+    # piece) is one the target never uses for that text, so it gets its own probability only (the
+    # rest goes to the loss's "other" bucket). Measured in bench_transfer, chatml_bpe -> vicuna_spm:
+    # transfer efficiency 0.892 this way, 0.539 with those alternatives, 0.852 with no teacher there.
+    tgt_id[straddle[J]] = PAD_ID
     alt_lp = np.where(tgt_id >= 0, clp - logZ[:, None], -np.inf)
 
     # 3. the observed path: the label's own text along the source tokens actually used

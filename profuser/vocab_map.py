@@ -91,31 +91,6 @@ def build_vocab_map(
     return out
 
 
-class TargetLookup:
-    """Target id for an arbitrary byte string, by the same rule as prefix_table: the target token
-    whose surface is its longest prefix (or, with exact_only, equal to it). For the few strings the
-    tables cannot hold (template bytes + a candidate's text); memoized."""
-
-    def __init__(self, tgt_tok, exact_only: bool = False):
-        t = surfaces(tgt_tok)
-        self.index = _target_index(t)
-        self.exact_only = exact_only
-        self.lengths = t.lengths
-        self.max_len = max((len(b) for b in self.index), default=0)
-        self._memo: dict[bytes, int] = {}
-
-    def __call__(self, text: bytes) -> int:
-        hit = self._memo.get(text)
-        if hit is None:
-            if self.exact_only:
-                hit = self.index.get(text, -1)
-            else:
-                hit = next((self.index[text[:n]] for n in range(min(len(text), self.max_len), 0, -1)
-                            if text[:n] in self.index), -1)
-            self._memo[text] = hit
-        return hit
-
-
 def prefix_table(src_tok, tgt_tok, exact_only: bool = False) -> np.ndarray:
     """int64 [total surface bytes of the source vocabulary]: entry offsets[i] + d (profuser.align.
     Surfaces) is the target id for source token i's surface from byte d on: the target token whose

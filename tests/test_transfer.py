@@ -289,10 +289,10 @@ def test_conditioning_inside_a_source_token_hand_example(toks):
 
 def test_a_target_token_starting_in_the_template_is_taught_from_the_response_on(toks):
     """Vicuna writes "ASSISTANT: " before the answer and its `▁the` holds that space: the target
-    position still gets the source's distribution over the answer's first word (the label by the
-    chain rule; each candidate as the template's space + its text), with the 1:1 rule it got none."""
+    position still gets the source's probability of the answer's first word (by the chain rule over
+    the source tokens), and nothing else (the candidates are word pieces without the space); with the
+    1:1 rule it got no teacher."""
     from profuser.chat import BUILTIN_TEMPLATES, split_response
-    from profuser.vocab_map import TargetLookup
 
     msgs = [{"role": "user", "content": "Hi"}]
     answer = "the cat sat on the mat."
@@ -304,12 +304,10 @@ def test_a_target_token_starting_in_the_template_is_taught_from_the_response_on(
     assert tgt.starts[0] < 0 < tgt.ends[0]  # the first target token straddles the response start
     first, by_byte = pair_tables(src_tok, tgt_tok, "prefix")
     top, lps, obs = synthetic_rows(src_tok, src.ids, 1)
-    n = len(answer.encode())
-    lookup = TargetLookup(tgt_tok)
-    got = project(src, tgt, n, surfaces(src_tok), first, by_byte, top, lps, obs, K, lookup=lookup)
-    assert got.covered[0] and tgt.ids[0] in got.ids[0] and not got.one_to_one[0]
-    tsurf = surfaces(tgt_tok).surfaces
-    for e in got.ids[0][got.ids[0] >= 0]:  # every entry is " " + some text: it reaches into the response
-        assert tsurf[e].startswith(b" ") and len(tsurf[e]) > 1
-    without = project(src, tgt, n, surfaces(src_tok), first, by_byte, top, lps, obs, K)
-    assert list(without.ids[0][without.ids[0] >= 0]) == [tgt.ids[0]]  # no lookup: the label only
+    got = project(src, tgt, len(answer.encode()), surfaces(src_tok), first, by_byte, top, lps, obs, K)
+    assert got.covered[0] and not got.one_to_one[0]
+    assert list(got.ids[0][got.ids[0] >= 0]) == [tgt.ids[0]]  # the label only
+    # its probability: the source tokens spelling the target token's response bytes, chained
+    n_in = int(np.searchsorted(src.ends, tgt.ends[0], side="left")) + 1
+    assert src.ends[n_in - 1] == tgt.ends[0] and src.starts[0] == 0
+    np.testing.assert_allclose(float(got.logprobs[0][0]), float(np.sum(obs[:n_in])), rtol=1e-3, atol=1e-3)

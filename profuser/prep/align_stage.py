@@ -132,7 +132,6 @@ class Pair:
     by_byte: Optional[np.ndarray]  # by-byte prefix table
     mapped_share: float  # share of the source's regular (non-special) tokens with a target counterpart
     method: str  # "spans" (offsets) | "mined" (no offsets: 1:1 pairs by MinED)
-    lookup: object = None  # vocab_map.TargetLookup: target id for template bytes + a candidate's text
 
 
 @dataclass
@@ -162,10 +161,7 @@ def make_pair(cfg, cache_dir, spec, tgt: Target, cm=None) -> Pair:
         s = surfaces(cm.tokenizer)
         regular = ~s.special & (s.lengths > 0)
         share = float((first[regular] >= 0).mean()) if regular.any() else 0.0
-    from profuser.vocab_map import TargetLookup
-
-    return Pair(spec.name, cm, eot, same, copy, first, by_byte, share, alignment_method(cm.tokenizer, tgt.cm.tokenizer),
-                TargetLookup(tgt.cm.tokenizer, exact_only=cfg.prep.vocab_mapping != "prefix"))
+    return Pair(spec.name, cm, eot, same, copy, first, by_byte, share, alignment_method(cm.tokenizer, tgt.cm.tokenizer))
 
 
 def alignment_method(src_tok, tgt_tok) -> str:
@@ -261,7 +257,7 @@ def align_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict],
         method = "copy"
     else:
         tr = project(src, tgt_rt, n_resp, surfaces(src_tok), pair.first, pair.by_byte, topk_ids, topk_logprobs,
-                     token_logprobs, k, eot, lookup=pair.lookup)
+                     token_logprobs, k, eot)
         ids, lps, kept, one = tr.ids, tr.logprobs, tr.kept, tr.one_to_one
         covered = (ids >= 0).any(axis=1)
         method = "project"
