@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 
 from profuser.prep.stages import Context, Progress, Stage, model_deps, read_records, sidecar_info, up
 
-ALIGN_VERSION = 2  # bump when the alignment rules change (invalidates align and build)
+ALIGN_VERSION = 3  # bump when the alignment rules change (invalidates align and build)
 MODES = ("training", "inference")
 SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
