@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ALPACA = REPO.parent / "shared" / "data" / "alpaca_eval_gpt4_baseline.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_teacher import write_data  # noqa: E402  the same AlpacaEval records
 
 SHAPES = {  # LlamaConfig fields; vocabulary: SmolLM2's 49,152 tokens
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -53,18 +54,6 @@ SHAPES = {  # LlamaConfig fields; vocabulary: SmolLM2's 49,152 tokens
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=True),
 }
-
-
-def write_data(path: Path, n: int) -> str:
-    if ALPACA.exists():
-        rows = json.loads(ALPACA.read_text())[:n]
-        path.write_text("".join(json.dumps({"id": f"alpaca-{i:04d}", "instruction": r["instruction"],
-                                            "output": r["output"]}) + "\n" for i, r in enumerate(rows)))
-        return f"{ALPACA.name} (first {n} rows)"
-    from profuser.tiny import tiny_records
-
-    path.write_text("".join(json.dumps(r) + "\n" for r in tiny_records(n)))
-    return f"profuser.tiny.tiny_records({n}) (alpaca file not found)"
 
 
 def build_model(shape: str, layers, device: str, dtype):

@@ -325,17 +325,26 @@ def _bytes_differ(surf: Surfaces, tb: bytes, ids, bs, L, check) -> np.ndarray:
     """bool [n]: for tokens in `check`, whether surface bytes differ from text bytes at bs."""
     k = np.flatnonzero(check)
     out = np.zeros(len(ids), dtype=bool)
-    if len(k) == 0:
-        return out
-    lk = L[k]
-    total = int(lk.sum())
-    owner = np.repeat(np.arange(len(k)), lk)
-    within = np.arange(total) - np.repeat(np.cumsum(lk) - lk, lk)
-    text_b = np.frombuffer(tb, dtype=np.uint8)[bs[k][owner] + within]
-    surf_b = surf.flat[surf.offsets[ids[k]][owner] + within]
-    bad = np.bincount(owner, weights=(text_b != surf_b), minlength=len(k)) > 0
-    out[k] = bad
+    out[k] = surface_mismatch(surf, ids[k], np.frombuffer(tb, dtype=np.uint8), bs[k], L[k])
     return out
+
+
+def surface_mismatch(surf: Surfaces, ids: np.ndarray, text: np.ndarray, starts: np.ndarray,
+                     lengths: np.ndarray) -> np.ndarray:
+    """bool [Q]: whether the first lengths[q] bytes of token ids[q]'s surface differ from
+    text[starts[q] : starts[q] + lengths[q]] (uint8 text; a byte outside it differs). Every ids[q]
+    must be a valid token whose surface holds at least lengths[q] bytes. One vectorized pass over
+    all compared bytes, no per-token loop."""
+    lk = np.asarray(lengths, dtype=np.int64)
+    if len(lk) == 0:
+        return np.zeros(0, dtype=bool)
+    owner = np.repeat(np.arange(len(lk)), lk)
+    within = np.arange(int(lk.sum())) - np.repeat(np.cumsum(lk) - lk, lk)
+    pos = np.asarray(starts, dtype=np.int64)[owner] + within
+    inside = (pos >= 0) & (pos < len(text))
+    text_b = np.where(inside, text[np.clip(pos, 0, max(len(text) - 1, 0))], -1)
+    surf_b = surf.flat[surf.offsets[ids][owner] + within].astype(np.int64)
+    return np.bincount(owner, weights=(text_b != surf_b), minlength=len(lk)) > 0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from typing import Optional
 
 import numpy as np
 
-from profuser.align import ResponseTokens, Surfaces
+from profuser.align import ResponseTokens, Surfaces, surface_mismatch
 from profuser.vocab_map import PAD_ID, merge_entries
 
 
@@ -59,18 +59,7 @@ def prefix_match(surf: Surfaces, cand: np.ndarray, text: np.ndarray, start: np.n
     ok = (cand >= 0) & (cand < len(surf.lengths))
     ok &= np.where(ok, surf.lengths[np.where(ok, cand, 0)], -1) >= length
     k = np.flatnonzero(ok & (length > 0))
-    if len(k) == 0:
-        return ok
-    lk = length[k]
-    total = int(lk.sum())
-    owner = np.repeat(np.arange(len(k)), lk)
-    within = np.arange(total) - np.repeat(np.cumsum(lk) - lk, lk)
-    pos = start[k][owner] + within
-    inside = (pos >= 0) & (pos < len(text))
-    text_b = np.where(inside, text[np.clip(pos, 0, max(len(text) - 1, 0))], -1)
-    surf_b = surf.flat[surf.offsets[cand[k]][owner] + within].astype(np.int64)
-    bad = np.bincount(owner, weights=(text_b != surf_b), minlength=len(k)) > 0
-    ok[k[bad]] = False
+    ok[k[surface_mismatch(surf, cand[k], text, start[k], length[k])]] = False
     return ok
 
 

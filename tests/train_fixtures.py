@@ -167,52 +167,54 @@ def cached_training_set(suite: Path, n: int = 8, no_inference: tuple[int, ...] =
     ``no_inference``: indices of the samples that have no inference mode (null columns).
     """
     import hashlib
-    import shutil
-    import tempfile
 
     key = hashlib.sha256(Path(__file__).read_bytes() + f"{suite}|{n}|{sorted(no_inference)}".encode()).hexdigest()[:12]
     root = suite.parent / f"train-set-{key}"
-    if not (root / ".complete").exists():
-        tmp = Path(tempfile.mkdtemp(prefix=".train-set-", dir=suite.parent))
-        try:
-            make_training_set(suite, tmp / "build", tmp, n=n, no_inference=lambda i: i in no_inference)
-            (tmp / ".complete").write_text("ok\n")
-            try:
-                os.rename(tmp, root)
-            except OSError:  # built concurrently by another process
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    _build_once(root, lambda tmp: make_training_set(suite, tmp / "build", tmp, n=n,
+                                                    no_inference=lambda i: i in no_inference))
     return root / "build"
+
+
+def _build_once(out: Path, build) -> None:
+    """Run build(tmp) in a temporary folder beside `out` and rename it to `out` (marked complete),
+    unless a complete `out` exists; a concurrent builder that renamed first wins."""
+    import shutil
+    import tempfile
+
+    if (out / ".complete").exists():
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        try:
+            os.rename(tmp, out)
+        except OSError:  # built concurrently by another process
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tied_target(suite: Path) -> Path:
     """The tiny target (OLMo-2) with its output projection tied to the input embedding, built once
     next to the suite: the fused loss's projection weight then also gets the embedding's gradient."""
     import shutil
-    import tempfile
 
     from transformers import AutoModelForCausalLM
 
     out = suite.parent / f"{suite.name}-tied-target"
-    if not (out / ".complete").exists():
-        src = suite / "models" / "target"
-        tmp = Path(tempfile.mkdtemp(prefix=".tied-target-", dir=suite.parent))
-        try:
-            model = AutoModelForCausalLM.from_pretrained(src)
-            model.config.tie_word_embeddings = True
-            model.lm_head.weight = model.get_input_embeddings().weight
-            model.save_pretrained(tmp)
-            for f in src.iterdir():  # tokenizer and chat template
-                if not (tmp / f.name).exists():
-                    shutil.copy(f, tmp / f.name)
-            (tmp / ".complete").write_text("ok\n")
-            try:
-                os.rename(tmp, out)
-            except OSError:  # built concurrently by another process
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    src = suite / "models" / "target"
+
+    def build(tmp: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(src)
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.get_input_embeddings().weight
+        model.save_pretrained(tmp)
+        for f in src.iterdir():  # tokenizer and chat template
+            if not (tmp / f.name).exists():
+                shutil.copy(f, tmp / f.name)
+
+    _build_once(out, build)
     return out
 
 
