@@ -102,11 +102,17 @@ class Surfaces:
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def surfaces(tokenizer) -> Surfaces:
-    """The cached Surfaces of `tokenizer` (built on first use: one pass over the vocabulary)."""
+def surfaces(tokenizer, need: int | None = None) -> Surfaces:
+    """The cached Surfaces of `tokenizer` (built on first use: one pass over the vocabulary).
+
+    The cache is rebuilt when tokens were added since. `need`, the largest token id the caller will
+    look up, makes that check free: `len(tokenizer)` counts a large tokenizer's added tokens on every
+    call (0.5 ms on Gemma-3's 262k vocabulary, a fifth of aligning one answer), while existing ids
+    never change their surface when tokens are added.
+    """
     try:
         info = _CACHE[tokenizer]
-        if len(info.surfaces) >= len(tokenizer):  # tokens added since: rebuild
+        if (need < len(info.surfaces)) if need is not None else (len(info.surfaces) >= len(tokenizer)):
             return info
     except (KeyError, TypeError):
         pass
@@ -256,7 +262,7 @@ def token_spans(tokenizer, text: str) -> TokenSpans:
     enc = _backend(tokenizer).encode(text, add_special_tokens=False)
     ids = np.asarray(enc.ids, dtype=np.int64)
     off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
-    return spans_from_offsets(surfaces(tokenizer), text, ids, off[:, 0], off[:, 1])
+    return spans_from_offsets(surfaces(tokenizer, int(ids.max(initial=-1))), text, ids, off[:, 0], off[:, 1])
 
 
 def spans_from_offsets(surf: Surfaces, text: str, ids, char_starts, char_ends) -> TokenSpans:

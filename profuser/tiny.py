@@ -85,6 +85,40 @@ def _spm_bpe(vocab_size: int):
     return tok, dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
 
 
+def _unigram_scores(pieces: list[str], lines: list[str], normalizer, pre_tokenizer, iterations: int = 4):
+    """Deterministic Unigram log-probabilities for a fixed piece set: hard EM (Viterbi counts).
+
+    `tokenizers`' UnigramTrainer picks the same pieces in every process but its scores (float sums in
+    hash-map order) and piece order differ from process to process, so each build segmented text a
+    little differently and every run saw another tokenizer. Re-estimating the scores here, over
+    pieces in sorted order, makes the fixture a function of the corpus alone.
+    """
+    import math
+    from collections import Counter
+
+    from tokenizers import models
+
+    words = Counter()
+    for line in lines:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)):
+            words[word] += 1
+    counts = Counter()
+    for word, n in words.items():  # start: how often each piece occurs as a substring
+        for p in pieces:
+            if p in word:
+                counts[p] += n * word.count(p)
+    for _ in range(iterations):
+        total = sum(counts.values()) + 0.5 * len(pieces)
+        scores = [(p, math.log((counts[p] + 0.5) / total)) for p in pieces]
+        model = models.Unigram(scores, unk_id=None, byte_fallback=False)
+        counts = Counter()
+        for word, n in sorted(words.items()):
+            for token in model.tokenize(word):
+                counts[token.value] += n
+    total = sum(counts.values()) + 0.5 * len(pieces)
+    return [(p, round(math.log((counts[p] + 0.5) / total), 6)) for p in pieces]
+
+
 def _unigram(vocab_size: int):
     """Gemma-ish: NFKC normalizer, Metaspace `▁` (no dummy prefix), Unigram with byte fallback."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -97,10 +131,11 @@ def _unigram(vocab_size: int):
         vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False
     )
     probe.train_from_iterator(corpus_lines(), trainer)
-    learned = json.loads(probe.to_str())["model"]["vocab"]
-    have = {t for t, _ in learned}
-    vocab = [(t, s) for t, s in learned] + [(b, -20.0) for b in _byte_tokens() if b not in have]
-    unk_id = [t for t, _ in vocab].index("<unk>")
+    pieces = sorted({t for t, _ in json.loads(probe.to_str())["model"]["vocab"]} - set(specials))
+    learned = _unigram_scores(pieces, corpus_lines(), probe.normalizer, probe.pre_tokenizer)
+    vocab = [(t, 0.0) for t in specials] + learned
+    vocab += [(b, -20.0) for b in _byte_tokens() if b not in set(pieces)]
+    unk_id = specials.index("<unk>")
     tok = Tokenizer(models.Unigram(vocab, unk_id=unk_id, byte_fallback=True))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")

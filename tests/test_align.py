@@ -107,6 +107,20 @@ def test_same_tokenizer_detection(toks):
         assert not same_tokenizer(toks[a], toks[b])
 
 
+def test_surfaces_follow_added_tokens():
+    """Tokens added after the first alignment get surfaces: token_spans (which skips len(tokenizer) on
+    its hot path) rebuilds the cached table when it meets an id the table does not cover."""
+    tok = build_tokenizer("chatml_bpe")
+    before = len(surfaces(tok).surfaces)
+    token_spans(tok, "plain text")
+    tok.add_tokens(["<tool>"])
+    sp = token_spans(tok, "call <tool> now")
+    new_id = tok.convert_tokens_to_ids("<tool>")
+    assert new_id >= before and new_id in sp.ids.tolist()
+    assert surfaces(tok, new_id).surfaces[new_id] == b"<tool>"
+    assert len(surfaces(tok).surfaces) == before + 1
+
+
 def test_byte_pieces_align_one_to_one(toks):
     # 文 is <0xE6><0x96><0x87> for vicuna_spm and three byte-level pieces for chatml_bpe.
     text = "a 文 b"

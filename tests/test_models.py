@@ -103,3 +103,18 @@ def test_smollm2_gguf_generates_and_teacher_forces(smollm2):
     labels = torch.tensor(enc.labels[1:])
     ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
     assert ce.item() < 2.0, ce.item()
+
+
+def test_fixture_tokenizers_are_the_same_in_every_process():
+    """Every fixture tokenizer is a function of the in-repo corpus: two fresh processes build the same
+    tokenizer.json. (tokenizers' UnigramTrainer alone gives different scores and piece order per
+    process, which made every run of the gemma_unigram family see a different tokenizer.)"""
+    import subprocess
+    import sys
+
+    code = ("import hashlib, sys; from profuser.tiny import FAMILIES, build_tokenizer; "
+            "print(' '.join(hashlib.sha256(build_tokenizer(f).backend_tokenizer.to_str().encode())"
+            ".hexdigest()[:16] for f in sorted(FAMILIES)))")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    assert runs[0] == runs[1], f"fixture tokenizers differ between processes: {runs}"

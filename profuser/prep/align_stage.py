@@ -256,7 +256,8 @@ def align_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict],
         one = np.ones(m, dtype=bool)
         method = "copy"
     else:
-        tr = project(src, tgt_rt, n_resp, surfaces(src_tok), pair.first, pair.by_byte, topk_ids, topk_logprobs,
+        need = int(max(src.ids.max(initial=-1), np.max(topk_ids, initial=-1)))
+        tr = project(src, tgt_rt, n_resp, surfaces(src_tok, need), pair.first, pair.by_byte, topk_ids, topk_logprobs,
                      token_logprobs, k, eot)
         ids, lps, kept, one = tr.ids, tr.logprobs, tr.kept, tr.one_to_one
         covered = (ids >= 0).any(axis=1)
