@@ -235,7 +235,14 @@ def main(argv=None) -> None:
     p.add_argument("--student-steps", type=int, default=150, help="student training steps (batch 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the chain, the data and the inits")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these tiny models, and on a loaded machine)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds (e.g. 0,1,2): run the benchmark once per seed in its own process and "
+                        "print every run plus, per pair, the efficiency of the seed-averaged bits per byte and its "
+                        "per-seed range (one seed's figure moves a lot: the students see 200 sentences)")
+    p.add_argument("--jobs", type=int, default=1, help="with --seeds: runs at a time (one core each)")
     args = p.parse_args(argv)
+    if args.seeds:
+        return over_seeds(args, argv if argv is not None else sys.argv[1:])
 
     import torch
 
@@ -295,6 +302,57 @@ def main(argv=None) -> None:
                                          for rule, v in eff.items()}
     result["seconds"] = round(time.time() - t_start, 1)
     print(json.dumps(result, indent=1))
+
+
+def over_seeds(args, argv: list[str]) -> None:
+    """One process per seed (--jobs at a time); the JSON of every run and a per-pair summary."""
+    import subprocess
+
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    rest, skip = [], False
+    for a in argv:  # this command line without --seeds/--jobs/--seed
+        if skip:
+            skip = False
+        elif a in ("--seeds", "--jobs", "--seed"):
+            skip = True
+        elif not a.startswith(("--seeds=", "--jobs=", "--seed=")):
+            rest.append(a)
+    t0, runs, pending = time.time(), {}, list(seeds)
+    live: dict[int, subprocess.Popen] = {}
+    while pending or live:
+        while pending and len(live) < max(1, args.jobs):
+            s = pending.pop(0)
+            live[s] = subprocess.Popen([sys.executable, __file__, "--seed", str(s), *rest], stdout=subprocess.PIPE, text=True)
+        for s, proc in list(live.items()):
+            if proc.poll() is not None:
+                out = proc.stdout.read()
+                if proc.returncode != 0:
+                    raise SystemExit(f"bench_transfer --seed {s} failed (exit {proc.returncode})")
+                runs[s] = json.loads(out)
+                del live[s]
+        time.sleep(1)
+    summary = {}
+    for pair in runs[seeds[0]]["pairs"]:
+        entry = {}
+        for rule in ("after", "before"):
+            per = [runs[s]["pairs"][pair][rule] for s in seeds]
+            a = np.mean([runs[s]["pairs"][pair]["bpb_sft"] for s in seeds])
+            b = np.mean([e["bpb_same_tokenizer_teacher"] for e in per])
+            c = np.mean([e["bpb_cross_tokenizer_teacher"] for e in per])
+            effs = [e["transfer_efficiency"] for e in per if e["transfer_efficiency"] is not None]
+            entry[rule] = {"transfer_efficiency": round(float((a - c) / (a - b)), 3) if a > b else None,
+                           "per_seed": [e["transfer_efficiency"] for e in per],
+                           "min": min(effs, default=None), "max": max(effs, default=None)}
+        summary[pair] = entry
+    teacher_bpb = {f: round(float(np.mean([runs[s]["teacher_bpb"][f] for s in seeds])), 4)
+                   for f in runs[seeds[0]]["teacher_bpb"]}
+    print(json.dumps({"device": runs[seeds[0]]["device"], "seeds": seeds, "jobs": args.jobs,
+                      "teacher_bpb_mean": teacher_bpb,
+                      "transfer_efficiency_of_means": summary,
+                      "min_transfer_efficiency": {r: min((v[r]["transfer_efficiency"] for v in summary.values()
+                                                          if v[r]["transfer_efficiency"] is not None), default=None)
+                                                  for r in ("after", "before")},
+                      "seconds": round(time.time() - t0, 1), "runs": {str(s): runs[s] for s in seeds}}, indent=1))
 
 
 if __name__ == "__main__":
