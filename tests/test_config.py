@@ -1,5 +1,4 @@
 """Run config: parsing, validation messages, overrides, the resolved config file."""
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -103,7 +102,7 @@ def test_override_changes_resolved_config_and_is_written(tiny_config, tmp_path):
     written = yaml.safe_load(out.read_text())
     assert written["train"]["learning_rate"] == 2e-5 and written["sources"][2]["chat_template"] == "gemma"
     # The written file is itself a valid config that resolves to the same thing.
-    assert dataclasses.asdict(parse_config(written)) == dataclasses.asdict(cfg)
+    assert parse_config(written).to_dict() == cfg.to_dict()
 
 
 def test_override_syntax_errors():
