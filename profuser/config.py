@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
-def _default_name(path: str) -> str:
+def name_from_path(path: str) -> str:
+    """A safe model name (NAME_RE) from a model path: the folder name, or a .gguf file's stem."""
     p = Path(path)
     raw = p.stem if p.suffix == ".gguf" else p.name
     return re.sub(r"[^A-Za-z0-9_.-]", "_", raw).lstrip("._-")[:100] or "model"
@@ -97,7 +98,7 @@ class ModelConfig(Section):
     @classmethod
     def _name_from_path(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("name") and isinstance(data.get("path"), str):
-            data = {**data, "name": _default_name(data["path"])}
+            data = {**data, "name": name_from_path(data["path"])}
         return data
 
     _name_is_safe = field_validator("name")(_check_name)
