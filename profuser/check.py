@@ -240,6 +240,7 @@ def deepspeed_problems(cfg: RunConfig) -> list[str]:
     opt = (ds.get("optimizer") or {}).get("params") or {}
     agree("optimizer.params.lr", opt.get("lr"), t.learning_rate, "train.learning_rate")
     agree("optimizer.params.weight_decay", opt.get("weight_decay"), t.weight_decay, "train.weight_decay")
+    out += _optimizer_problems(ds, path, t.optim)
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         out.append(f"{key}: {path} sets zero_optimization.stage={stage!r}; use 0, 1, 2 or 3")
@@ -248,6 +249,27 @@ def deepspeed_problems(cfg: RunConfig) -> list[str]:
         if v is not None and v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             out.append(f"{key}: {path} sets {k}={v!r}; use a positive integer or \"auto\"")
     return out
+
+
+# the train.optim values that mean the same optimizer as a DeepSpeed "AdamW" block filled from the config
+_ADAMW = ("adamw_torch", "adamw_torch_fused")
+
+
+def _optimizer_problems(ds: dict, path: str, optim: str) -> list[str]:
+    """A DeepSpeed "optimizer" block replaces train.optim: refuse a train.optim it would silently ignore."""
+    block = ds.get("optimizer")
+    if not isinstance(block, dict):
+        return []
+    kind = block.get("type")
+    if str(kind).lower() == "adamw" and optim in _ADAMW:
+        return []
+    offload = ((ds.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") not in (None, "none")
+    other = 'a DeepSpeed config without an "optimizer" block' + (
+        " and without offload_optimizer (DeepSpeed refuses another optimizer under ZeRO-Offload), e.g. "
+        "deepspeed_configs/zero3.json" if offload else "")
+    fix = (f"use train.optim={_ADAMW[0]} (the same AdamW) or, for {optim}, {other}" if str(kind).lower() == "adamw"
+           else f"to train with {optim}, use {other}")
+    return [f"train.optim: {optim!r} would be ignored: {path} defines its own optimizer ({kind!r}); {fix}"]
 
 
 def training_set_problems(data_dir: Path) -> list[str]:

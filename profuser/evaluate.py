@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from profuser.config import ConfigError, ModelConfig, RunConfig
+from profuser.config import ConfigError, ModelConfig, RunConfig, name_from_path
 
 log = logging.getLogger("profuser")
 
@@ -50,7 +50,7 @@ def resolve_model(cfg: RunConfig, model: str) -> ModelConfig:
         raise ConfigError(f"--model {model!r} is neither a path nor a model name of the config ({', '.join(names)})")
     # A trained target: the target's settings, with the trained weights and their saved tokenizer/template.
     t = cfg.target
-    return ModelConfig(path=str(p), name=p.name if p.name != "final" else f"{p.parent.name}", chat_template=None,
+    return ModelConfig(path=str(p), name=name_from_path(str(p if p.name != "final" else p.parent)), chat_template=None,
                        dtype=t.dtype, device=t.device, attn_implementation=t.attn_implementation,
                        trust_remote_code=t.trust_remote_code, allow_pickle=t.allow_pickle, max_length=t.max_length)
 

@@ -204,20 +204,13 @@ def fusion_loss(
 
 
 def _check_options(beta, divergence, temperature, fusellm_lambda, chunk_size, rest, min_mass) -> None:
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence={divergence!r} is not one of {DIVERGENCES}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
-        raise ValueError(f"beta={beta!r} must be a finite number >= 0")
-    if fusellm_lambda is not None and not (isinstance(fusellm_lambda, (int, float)) and 0 <= fusellm_lambda <= 1):
-        raise ValueError(f"fusellm_lambda={fusellm_lambda!r} must be None or in [0, 1]")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1")
-    if rest not in TEACHER_REST:
-        raise ValueError(f"rest={rest!r} is not one of {TEACHER_REST}")
-    if not (isinstance(min_mass, (int, float)) and 0 <= min_mass <= 1):
-        raise ValueError(f"min_mass={min_mass!r} must be a number in [0, 1]")
+    """The run config's rules for these options (``train.beta``, ``train.divergence``, ...; ``chunk_size``
+    is ``train.loss_chunk_size``, ``rest`` ``train.teacher_rest``, ``min_mass`` ``train.teacher_min_mass``),
+    so a direct caller gets the same check and message (a ConfigError, a ValueError) as a config."""
+    from profuser.config import TrainConfig, validate
+
+    validate(TrainConfig, dict(beta=beta, divergence=divergence, temperature=temperature, fusellm_lambda=fusellm_lambda,
+                               loss_chunk_size=chunk_size, teacher_rest=rest, teacher_min_mass=min_mass))
 
 
 def _check_teacher(labels, topk_ids, topk_logprobs) -> None:

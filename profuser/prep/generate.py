@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import pyarrow as pa
@@ -351,7 +351,7 @@ def generate_deps(g) -> dict:
     """What a source's generations depend on in `prep.generate`: not the speed settings (batch size,
     continuous batching, vLLM memory/parallelism/graphs), which change float noise at most now that
     every draw is seeded per record."""
-    d = asdict(g)
+    d = g.model_dump()
     for k in ("batch_size", "continuous_batching"):
         d.pop(k, None)
     engine = d.pop("vllm", {})
