@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from profuser.constants import IGNORE_INDEX, LOSS_CHUNK_SIZE
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "ce")
 TEACHER_REST = ("other", "renormalize")
 _NEG = torch.finfo(torch.float32).min  # finite "log 0": keeps masked logsumexp and its grad NaN-free
@@ -145,7 +146,7 @@ def fusion_loss(
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     fusellm_lambda: float | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = LOSS_CHUNK_SIZE,
     rest: str = "other",
     min_mass: float = 0.0,
 ) -> LossParts:
@@ -319,7 +320,7 @@ def fused_linear_fusion_loss(
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     fusellm_lambda: float | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = LOSS_CHUNK_SIZE,
     rest: str = "other",
     min_mass: float = 0.0,
 ) -> LossParts:

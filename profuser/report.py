@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-MODES = ("inference", "training")
+from profuser.constants import MODES
 
 
 def read_metrics(path: Path) -> list[dict]:

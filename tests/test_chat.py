@@ -1,9 +1,10 @@
 """Chat formatting: exact prompt/response boundary for every fixture template and SmolLM2's own."""
 import pytest
 
-from profuser.chat import (BUILTIN_TEMPLATES, IGNORE_INDEX, ChatTemplateError, OverLength, encode_chat,
-                           end_of_turn_id, render, resolve_template)
+from profuser.chat import (BUILTIN_TEMPLATES, ChatTemplateError, OverLength, encode_chat, end_of_turn_id, render,
+                           resolve_template)
 from profuser.config import ModelConfig
+from profuser.constants import IGNORE_INDEX
 from profuser.models import load_chat_tokenizer
 
 CONVERSATIONS = [

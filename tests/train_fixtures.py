@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
+from profuser.constants import MODES
+
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("inference", "training")
 
 
 def second_teacher(root: Path) -> Path:

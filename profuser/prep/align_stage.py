@@ -46,10 +46,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from profuser.constants import PREP_MODES
 from profuser.prep.stages import Context, Progress, Stage, model_deps, read_records, sidecar_info, up
 
 ALIGN_VERSION = 3  # bump when the alignment rules change (invalidates align and build)
-MODES = ("training", "inference")
 SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("mode", pa.string()),
@@ -378,9 +378,9 @@ class AlignStage(Stage):
         for m in cfg.sources:  # every pair up front: tables are cached, and each shard records them all
             pairs[m.name]
         norm = ctx.stage_dir("normalize")
-        jobs = [(m, i) for m in MODES for i in todo.get(m, [])]
+        jobs = [(m, i) for m in PREP_MODES for i in todo.get(m, [])]
         bar = Progress(ctx, sum(norm.num_rows("records", i) for _, i in jobs), f"align -> {cfg.target.name}")
-        for mode, i in sorted(jobs, key=lambda j: (j[1], MODES.index(j[0]))):
+        for mode, i in sorted(jobs, key=lambda j: (j[1], PREP_MODES.index(j[0]))):
             self._shard(ctx, sd, pairs, tgt, mode, i, read_records(ctx, i), bar)
         bar.close()
 
@@ -490,10 +490,10 @@ class AlignStage(Stage):
         cfg = ctx.cfg
         n = len(next(iter(parts.values()))["shards"]) if parts else 0
         sources = [m.name for m in cfg.sources]
-        agg = {m: {s: dict.fromkeys(STAT_KEYS, 0) for s in sources} for m in MODES}
-        choice = {m: {s: {"first": 0, "taught": 0} for s in sources} for m in MODES}
+        agg = {m: {s: dict.fromkeys(STAT_KEYS, 0) for s in sources} for m in PREP_MODES}
+        choice = {m: {s: {"first": 0, "taught": 0} for s in sources} for m in PREP_MODES}
         pair_info: dict = {}
-        for m in MODES:
+        for m in PREP_MODES:
             for i in range(n):
                 side = sd.sidecar(m, i)
                 for s in sources:
@@ -507,8 +507,8 @@ class AlignStage(Stage):
         for s in sources:
             entry: dict = {"source": s, "target": cfg.target.name, "vocab_mapping": cfg.prep.vocab_mapping,
                            **pair_info.get(s, {})}
-            total = {key: sum(agg[m][s][key] for m in MODES) for key in STAT_KEYS}
-            for m in MODES:
+            total = {key: sum(agg[m][s][key] for m in PREP_MODES) for key in STAT_KEYS}
+            for m in PREP_MODES:
                 entry[m] = pair_summary(agg[m][s])
             entry["all"] = pair_summary(total)
             pairs[f"{s}->{cfg.target.name}"] = entry
@@ -522,13 +522,13 @@ class AlignStage(Stage):
                     f"1:1 spans alone: {_pct(a['aligned_share'])}), top-k mass carried {_pct(a['kept_mass'])}, "
                     f"mean stored mass {_fmt(a['mass'])} ({'copy' if e.get('copy_ids') else cfg.prep.vocab_mapping} "
                     f"vocabulary map, {_pct(e.get('mapped_share'))} of source tokens mapped)")
-        for m in MODES:
+        for m in PREP_MODES:
             total = sum(c["taught"] for c in choice[m].values())
             if total:
                 ctx.say(f"align: {m} teachers: " + ", ".join(
                     f"{s} {c['taught']} ({c['taught'] / total:.0%}; first choice {c['first']})"
                     for s, c in choice[m].items()))
-        selection = {m: {s: dict(c) for s, c in choice[m].items()} for m in MODES}
+        selection = {m: {s: dict(c) for s, c in choice[m].items()} for m in PREP_MODES}
         log_align_stats(ctx, pairs, _row_shares(ctx, sd, n))
         log_stats(ctx, collect_stats(ctx, selection))
         return {"pairs": pairs, "selection": selection, "mince": cfg.prep.mince}
@@ -536,7 +536,7 @@ class AlignStage(Stage):
 
 def _row_shares(ctx, sd, n: int) -> dict:
     out: dict = {m.name: [] for m in ctx.cfg.sources}
-    for m in MODES:
+    for m in PREP_MODES:
         for i in range(n):
             t = sd.read(m, i, ["source", "n_transferred", "n_response"])
             for s, tr, rs in zip(*t.to_pydict().values()):
@@ -578,7 +578,7 @@ def log_align_stats(ctx, pairs: dict, shares: dict) -> Optional[str]:
             "text_share", "aligned_share", "kept_mass", "mass", "mapped_share"]
     data = [[e["source"], e["target"], m, e[m]["rows"], e[m]["fallback_rows"], e[m]["response_positions"],
              e[m]["transferred_share"], e[m]["text_share"], e[m]["aligned_share"], e[m]["kept_mass"], e[m]["mass"],
-             e.get("mapped_share")] for e in pairs.values() for m in (*MODES, "all")]
+             e.get("mapped_share")] for e in pairs.values() for m in (*PREP_MODES, "all")]
     log = {"prep/align/pairs": wandb.Table(columns=cols, data=data)}
     for src, v in shares.items():
         if v:
@@ -586,7 +586,7 @@ def log_align_stats(ctx, pairs: dict, shares: dict) -> Optional[str]:
     run.log(log)
     flat = {}
     for e in pairs.values():
-        for m in (*MODES, "all"):
+        for m in (*PREP_MODES, "all"):
             for key in ("transferred_share", "text_share", "aligned_share", "kept_mass", "mass"):
                 if e[m][key] is not None:
                     flat[f"prep/align/{key}/{m}/{e['source']}"] = e[m][key]

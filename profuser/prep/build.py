@@ -22,12 +22,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from profuser.constants import PREP_MODES
 from profuser.prep.shards import StageDir
 from profuser.prep.stages import Context, Progress, Stage, sidecar_info, up
 
 BUILD_VERSION = 2
 PART = ""  # the shards live in the stage directory itself (see the module docstring)
-MODES = ("training", "inference")
 FIELDS = {  # build column suffix -> (align column, type)
     "input_ids": ("input_ids", pa.list_(pa.int32())),
     "labels": ("labels", pa.list_(pa.int32())),
@@ -37,7 +37,7 @@ FIELDS = {  # build column suffix -> (align column, type)
     "topk_logprobs": ("topk_logprobs", pa.list_(pa.list_(pa.float16()))),
 }
 SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("meta", pa.string())]
-                   + [pa.field(f"{m}_{f}", t) for m in MODES for f, (_, t) in FIELDS.items()])
+                   + [pa.field(f"{m}_{f}", t) for m in PREP_MODES for f, (_, t) in FIELDS.items()])
 
 
 class BuildStage(Stage):
@@ -59,33 +59,33 @@ class BuildStage(Stage):
             records = norm.read("records", i, ["id", "meta"])
             ids = records["id"].to_pylist()
             picked = {}
-            for m in MODES:
+            for m in PREP_MODES:
                 table = asd.read(m, i, ["id", *cols])
                 at = {rid: j for j, rid in enumerate(table["id"].to_pylist())}
                 picked[m] = (table, [at.get(rid) for rid in ids])
-            keep = [j for j, rid in enumerate(ids) if any(picked[m][1][j] is not None for m in MODES)]
+            keep = [j for j, rid in enumerate(ids) if any(picked[m][1][j] is not None for m in PREP_MODES)]
             rejects = [{"id": rid, "kind": "no_teacher",
                         "reason": "no aligned teacher row in either mode (see the teacher and align rejects "
                                   "for this id)"}
-                       for j, rid in enumerate(ids) if all(picked[m][1][j] is None for m in MODES)]
+                       for j, rid in enumerate(ids) if all(picked[m][1][j] is None for m in PREP_MODES)]
             take = pa.array(keep, pa.int64())
             arrays = [records["id"].take(take), records["meta"].take(take)]
-            for m in MODES:
+            for m in PREP_MODES:
                 table, rows = picked[m]
                 idx = pa.array([rows[j] for j in keep], pa.int64())
                 arrays += [table[c].take(idx).cast(t) for c, t in FIELDS.values()]
             out = pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays],
                                        schema=SCHEMA)
-            modes = {m: sum(picked[m][1][j] is not None for j in keep) for m in MODES}
-            modes["both"] = sum(all(picked[m][1][j] is not None for m in MODES) for j in keep)
-            tokens = sum(pc.sum(pc.list_value_length(out[f"{m}_input_ids"])).as_py() or 0 for m in MODES)
+            modes = {m: sum(picked[m][1][j] is not None for j in keep) for m in PREP_MODES}
+            modes["both"] = sum(all(picked[m][1][j] is not None for m in PREP_MODES) for j in keep)
+            tokens = sum(pc.sum(pc.list_value_length(out[f"{m}_input_ids"])).as_py() or 0 for m in PREP_MODES)
             commit(sd, i, out, sidecar_info(len(ids), len(keep), rejects, time.time() - t0, tokens, modes=modes))
             bar.update(len(ids), tokens)
         bar.close()
 
     def finalize(self, ctx, sd, parts, rejects):
         n = len(parts[PART]["shards"])
-        modes = dict.fromkeys((*MODES, "both"), 0)
+        modes = dict.fromkeys((*PREP_MODES, "both"), 0)
         for i in range(n):
             for m, c in sd.sidecar(PART, i).get("modes", {}).items():
                 modes[m] += c

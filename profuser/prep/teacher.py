@@ -39,6 +39,7 @@ from typing import Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
+from profuser.constants import PREP_MODES
 from profuser.prep.stages import (Context, Progress, Stage, free_memory, model_deps, read_records, sidecar_info,
                                    up)
 
@@ -557,7 +558,7 @@ class TeacherStage(Stage):
             speed[part] = {"forward_tokens": fwd, "response_tokens": v.get("tokens", 0), "seconds": v.get("seconds", 0),
                            "tok_per_s": round(fwd / v["seconds"], 1) if v.get("seconds") else None}
         for m in ctx.cfg.sources:
-            ps = [speed.get(f"{mode}/{m.name}", {}) for mode in ("training", "inference")]
+            ps = [speed.get(f"{mode}/{m.name}", {}) for mode in PREP_MODES]
             fwd, sec = sum(p.get("forward_tokens", 0) for p in ps), sum(p.get("seconds", 0) for p in ps)
             if sec:
                 ctx.say(f"teacher: {m.name}: {fwd / sec:,.0f} tok/s forwarded ({fwd:,} tokens in {sec:.1f}s)")
