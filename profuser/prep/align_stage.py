@@ -44,33 +44,12 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from profuser.constants import PREP_MODES
+from profuser.prep.formats import ALIGN_SCHEMA, to_table, unnest
 from profuser.prep.stages import Context, Progress, Stage, model_deps, read_records, sidecar_info, up
 
 ALIGN_VERSION = 3  # bump when the alignment rules change (invalidates align and build)
-SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("mode", pa.string()),
-    pa.field("source", pa.string()),  # the teacher
-    pa.field("rank", pa.int32()),  # the teacher's place in the ranking (0 = first choice)
-    pa.field("teacher_score", pa.float64()),  # training: MinCE value; inference: votes
-    pa.field("ce", pa.float64()),  # the teacher's nats per own token on this mode's response
-    pa.field("bpb", pa.float64()),  # the teacher's bits per byte of the response text
-    pa.field("votes", pa.float64()),  # inference only
-    pa.field("mean_z", pa.float64()),  # inference only
-    pa.field("method", pa.string()),  # "copy" | "project" | "mined"
-    pa.field("input_ids", pa.list_(pa.int32())),  # [T] target tokens, prompt + response
-    pa.field("labels", pa.list_(pa.int32())),  # [T] -100 on the prompt
-    pa.field("topk_ids", pa.list_(pa.list_(pa.int32()))),  # [T, k] target ids, -1 = none
-    pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16()))),  # [T, k] -inf where id is -1
-    pa.field("n_response", pa.int32()),
-    pa.field("n_aligned", pa.int32()),
-    pa.field("n_transferred", pa.int32()),
-    pa.field("kept_mass", pa.float64()),  # mean over transferred positions; null when none
-    pa.field("mass", pa.float64()),  # mean stored probability mass over transferred positions
-])
 STAT_KEYS = ("rows", "fallback_rows", "response_positions", "text_positions", "text_transferred", "aligned",
              "transferred", "kept_mass_sum", "mass_sum", "copy_rows")
 
@@ -82,39 +61,6 @@ class Reject(Exception):
     def __init__(self, kind: str, reason: str, target_side: bool = False):
         super().__init__(reason)
         self.kind, self.reason, self.target_side = kind, reason, target_side
-
-
-# --------------------------------------------------------------------------------------------
-# Arrow <-> numpy for the nested [R, k] columns
-
-
-def nested(arrays: list[np.ndarray], dtype: pa.DataType) -> pa.Array:
-    """[R_i, k] (or [R_i]) numpy arrays -> list<list<dtype>> (or list<dtype>), no Python lists."""
-    np_dtype = dtype.to_pandas_dtype()
-    flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(np_dtype) if arrays else np.zeros(0, np_dtype)
-    outer = np.concatenate([[0], np.cumsum([a.shape[0] for a in arrays])]).astype(np.int32)
-    values = pa.array(flat, type=dtype)
-    if arrays and arrays[0].ndim == 2:
-        k = arrays[0].shape[1]
-        values = pa.ListArray.from_arrays(pa.array(np.arange(0, int(outer[-1]) * k + 1, k, dtype=np.int32)), values)
-    return pa.ListArray.from_arrays(pa.array(outer), values)
-
-
-def unnest(col, width: Optional[int] = None) -> list[np.ndarray]:
-    """A list<x> (width None) or list<list<x>> column of `width`-long rows -> per-row numpy arrays."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if len(arr) == 0:
-        return []
-    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    inner = arr.flatten()
-    if width is not None:
-        inner = inner.flatten()
-    flat = inner.to_numpy(zero_copy_only=False)
-    per = lengths * (width or 1)
-    if flat.size != per.sum():
-        raise ValueError(f"nested column: {flat.size} values for rows of width {width} (expected {per.sum()})")
-    parts = np.split(flat, np.cumsum(per)[:-1])
-    return [p.reshape(-1, width) for p in parts] if width is not None else parts
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,19 +253,6 @@ def _align_mined(pair: Pair, tgt: Target, enc, token_ids, token_logprobs, topk_i
                      "mined", k)
 
 
-def rows_to_table(rows: list[dict]) -> pa.Table:
-    col = lambda key, t: pa.array([r[key] for r in rows], t)  # noqa: E731
-    return pa.Table.from_arrays([
-        col("id", pa.string()), col("mode", pa.string()), col("source", pa.string()), col("rank", pa.int32()),
-        col("teacher_score", pa.float64()), col("ce", pa.float64()), col("bpb", pa.float64()),
-        col("votes", pa.float64()), col("mean_z", pa.float64()), col("method", pa.string()),
-        nested([r["input_ids"] for r in rows], pa.int32()), nested([r["labels"] for r in rows], pa.int32()),
-        nested([r["topk_ids"] for r in rows], pa.int32()), nested([r["topk_logprobs"] for r in rows], pa.float16()),
-        col("n_response", pa.int32()), col("n_aligned", pa.int32()), col("n_transferred", pa.int32()),
-        col("kept_mass", pa.float64()), col("mass", pa.float64()),
-    ], schema=SCHEMA)
-
-
 class TeacherRows:
     """One teacher part's shard, read once, with per-row access to its nested columns."""
 
@@ -479,7 +412,7 @@ class AlignStage(Stage):
                 bar.update(0, out["n_response"])
                 break
             bar.update(1, 0)
-        sd.commit(mode, i, rows_to_table(rows),
+        sd.commit(mode, i, to_table(rows, ALIGN_SCHEMA),
                   sidecar_info(n_in, len(rows), rejects, time.time() - t0,
                                sum(s["response_positions"] for s in stats.values()), align=stats, choice=choice,
                                pairs=pairs.info()))

@@ -23,21 +23,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from profuser.constants import PREP_MODES
+from profuser.prep.formats import BUILD_FIELDS, BUILD_SCHEMA
 from profuser.prep.shards import StageDir
 from profuser.prep.stages import Context, Progress, Stage, sidecar_info, up
 
 BUILD_VERSION = 2
 PART = ""  # the shards live in the stage directory itself (see the module docstring)
-FIELDS = {  # build column suffix -> (align column, type)
-    "input_ids": ("input_ids", pa.list_(pa.int32())),
-    "labels": ("labels", pa.list_(pa.int32())),
-    "teacher": ("source", pa.string()),
-    "teacher_score": ("teacher_score", pa.float64()),
-    "topk_ids": ("topk_ids", pa.list_(pa.list_(pa.int32()))),
-    "topk_logprobs": ("topk_logprobs", pa.list_(pa.list_(pa.float16()))),
-}
-SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("meta", pa.string())]
-                   + [pa.field(f"{m}_{f}", t) for m in PREP_MODES for f, (_, t) in FIELDS.items()])
 
 
 class BuildStage(Stage):
@@ -52,7 +43,6 @@ class BuildStage(Stage):
         if not shards:
             return
         sd, asd, norm = ctx.stage_dir(self.name), ctx.stage_dir("align"), ctx.stage_dir("normalize")
-        cols = [c for c, _ in FIELDS.values()]
         bar = Progress(ctx, sum(norm.num_rows("records", i) for i in shards), "build")
         for i in shards:
             t0 = time.time()
@@ -60,7 +50,7 @@ class BuildStage(Stage):
             ids = records["id"].to_pylist()
             picked = {}
             for m in PREP_MODES:
-                table = asd.read(m, i, ["id", *cols])
+                table = asd.read(m, i, ["id", *BUILD_FIELDS.values()])
                 at = {rid: j for j, rid in enumerate(table["id"].to_pylist())}
                 picked[m] = (table, [at.get(rid) for rid in ids])
             keep = [j for j, rid in enumerate(ids) if any(picked[m][1][j] is not None for m in PREP_MODES)]
@@ -73,9 +63,10 @@ class BuildStage(Stage):
             for m in PREP_MODES:
                 table, rows = picked[m]
                 idx = pa.array([rows[j] for j in keep], pa.int64())
-                arrays += [table[c].take(idx).cast(t) for c, t in FIELDS.values()]
+                arrays += [table[col].take(idx).cast(BUILD_SCHEMA.field(f"{m}_{f}").type)
+                           for f, col in BUILD_FIELDS.items()]
             out = pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays],
-                                       schema=SCHEMA)
+                                       schema=BUILD_SCHEMA)
             modes = {m: sum(picked[m][1][j] is not None for j in keep) for m in PREP_MODES}
             modes["both"] = sum(all(picked[m][1][j] is not None for m in PREP_MODES) for j in keep)
             tokens = sum(pc.sum(pc.list_value_length(out[f"{m}_input_ids"])).as_py() or 0 for m in PREP_MODES)

@@ -30,17 +30,10 @@ from typing import Callable, Optional, Sequence, Union
 
 import pyarrow as pa
 
+from profuser.prep.formats import GENERATE_SCHEMA
 from profuser.prep.stages import Context, Progress, Stage, free_memory, model_deps, read_records, sidecar_info, up
 
 log = logging.getLogger("profuser")
-
-SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("response", pa.string()),
-    pa.field("n_tokens", pa.int32()),  # generated tokens, not counting the stop token
-    pa.field("finish_reason", pa.string()),  # "stop" (end of turn / EOS) or "length" (max_new_tokens)
-])
-
 
 def derive_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")
@@ -426,7 +419,7 @@ class GenerateStage(Stage):
             rows.append({"id": rec["id"], "response": text, "n_tokens": len(g.token_ids),
                          "finish_reason": g.finish_reason})
         tokens = sum(len(g.token_ids) for g in gens)
-        sd.commit(spec.name, i, pa.Table.from_pylist(rows, schema=SCHEMA),
+        sd.commit(spec.name, i, pa.Table.from_pylist(rows, schema=GENERATE_SCHEMA),
                   sidecar_info(len(records), len(rows), rejects, time.time() - t0, tokens,
                                prompt_truncated=truncated, generate_seconds=round(seconds, 3),
                                tok_per_s=round(tokens / max(seconds, 1e-9), 1),

@@ -17,16 +17,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from profuser.prep.formats import NORMALIZE_SCHEMA
 from profuser.prep.stages import Context, Stage, model_deps, sidecar_info
 from profuser.prep.shards import fingerprint
-
-SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-    pa.field("reference", pa.string()),
-    pa.field("meta", pa.string()),  # JSON of the row's other fields
-])
-
 
 def _length_models(cfg) -> list:
     """Every source and the target, once each (the target may also be a source)."""
@@ -99,7 +92,7 @@ class NormalizeStage(Stage):
                     rejects.append({"id": rec["id"], "kind": problems[0][0], "reason": "; ".join(p[1] for p in problems)})
                 else:
                     keep.append({**rec, "meta": json.dumps(rec["meta"], ensure_ascii=False, sort_keys=True)})
-            table = pa.Table.from_pylist(keep, schema=SCHEMA)
+            table = pa.Table.from_pylist(keep, schema=NORMALIZE_SCHEMA)
             sd.commit("records", i, table, sidecar_info(len(batch), len(keep), rejects, time.time() - t0,
                                                         per_model={k: dict(v) for k, v in per_model.items()},
                                                         special_tokens_escaped=escaped))

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from profuser.config import ModelConfig, ScorerConfig
+from profuser.prep.formats import score_schema
 from profuser.prep.stages import Context, PrepError, Progress, Stage, read_records, sidecar_info, up
 from profuser.prep.shards import fingerprint
 
@@ -167,17 +168,6 @@ def pick_winner(scores: np.ndarray) -> tuple[int, list[float], list[float]]:
     return winner, [float(v) for v in votes], [float(x) for x in mean_z]
 
 
-def schema(scorer_names: list[str]) -> pa.Schema:
-    return pa.schema([
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("winner", pa.string()),  # null when no scorer is configured
-        pa.field("sources", pa.list_(pa.string())),  # the candidates, in config order
-        pa.field("votes", pa.list_(pa.float64())),
-        pa.field("mean_z", pa.list_(pa.float64())),
-        *[pa.field(f"score_{n}", pa.list_(pa.float64())) for n in scorer_names],
-    ])
-
-
 class ScoreStage(Stage):
     name = "score"
     needs = ("normalize", "generate")
@@ -235,7 +225,7 @@ class ScoreStage(Stage):
                        "sources": [cands[c][1] for c in mine], "votes": votes, "mean_z": mean_z}
                 row.update({f"score_{n}": mat[j].tolist() for j, n in enumerate(names)})
                 rows.append(row)
-            sd.commit("scores", i, pa.Table.from_pylist(rows, schema=schema(names)),
+            sd.commit("scores", i, pa.Table.from_pylist(rows, schema=score_schema(names)),
                       sidecar_info(len(records), len(rows), rejects, time.time() - t0,
                                    candidates=len(cands), candidates_rejected=len(bad)))
             bar.update(len(records), 0)

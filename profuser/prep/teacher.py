@@ -40,26 +40,12 @@ import numpy as np
 import pyarrow as pa
 
 from profuser.constants import PREP_MODES
+from profuser.prep.formats import teacher_table
 from profuser.prep.stages import (Context, Progress, Stage, free_memory, model_deps, read_records, sidecar_info,
                                    up)
 
 log = logging.getLogger("profuser")
 
-SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("mode", pa.string()),  # "training" | "inference"
-    pa.field("source", pa.string()),
-    pa.field("response", pa.string()),
-    pa.field("ce", pa.float64()),  # mean token CE over the response tokens (nats), template tail included
-    pa.field("n_tokens", pa.int32()),  # R
-    pa.field("text_nll", pa.float64()),  # NLL (nats) summed over the tokens that encode the response text
-    pa.field("text_bytes", pa.int32()),  # UTF-8 bytes of the response text
-    pa.field("text_tokens", pa.int32()),  # tokens counted in text_nll
-    pa.field("token_ids", pa.list_(pa.int32())),  # [R] the source's response token ids, incl. end of turn
-    pa.field("token_logprobs", pa.list_(pa.float16())),  # [R] log-prob of token_ids[r] (full vocab)
-    pa.field("topk_ids", pa.list_(pa.list_(pa.int32()))),  # [R, k]
-    pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16()))),  # [R, k], log-softmax over the full vocab
-])
 TEACHER_VERSION = 2  # bump when the rows change (2: text_nll/text_bytes/token_logprobs)
 
 
@@ -300,37 +286,6 @@ def teacher_forward(model, seqs: list[list[int]], n_resp: list[int], k: int, chu
     return out
 
 
-def _nested(arrays: list[np.ndarray], dtype: pa.DataType, k: int) -> pa.Array:
-    """[R_i, k] arrays -> list<list<dtype>> without Python-level lists."""
-    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
-    rows = np.concatenate([[0], np.cumsum([a.shape[0] for a in arrays])]).astype(np.int32)
-    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, int(rows[-1]) * k + 1, k, dtype=np.int32)),
-                                     pa.array(flat.astype(dtype.to_pandas_dtype()), type=dtype))
-    return pa.ListArray.from_arrays(pa.array(rows), inner)
-
-
-def rows_to_table(rows: list[dict], k: int) -> pa.Table:
-    tok = [np.asarray(r["token_ids"], dtype=np.int32) for r in rows]
-    tok_off = pa.array(np.concatenate([[0], np.cumsum([len(t) for t in tok])]).astype(np.int32))
-    tlp = [np.asarray(r["token_logprobs"], dtype=np.float16) for r in rows]
-    flat = lambda xs, dt: pa.array(np.concatenate(xs) if xs else np.zeros(0, dt))  # noqa: E731
-    return pa.Table.from_arrays([
-        pa.array([r["id"] for r in rows], pa.string()),
-        pa.array([r["mode"] for r in rows], pa.string()),
-        pa.array([r["source"] for r in rows], pa.string()),
-        pa.array([r["response"] for r in rows], pa.string()),
-        pa.array([r["ce"] for r in rows], pa.float64()),
-        pa.array([len(t) for t in tok], pa.int32()),
-        pa.array([r["text_nll"] for r in rows], pa.float64()),
-        pa.array([r["text_bytes"] for r in rows], pa.int32()),
-        pa.array([r["text_tokens"] for r in rows], pa.int32()),
-        pa.ListArray.from_arrays(tok_off, flat(tok, np.int32)),
-        pa.ListArray.from_arrays(tok_off, flat(tlp, np.float16)),
-        _nested([r["topk_ids"] for r in rows], pa.int32(), k),
-        _nested([r["topk_logprobs"] for r in rows], pa.float16(), k),
-    ], schema=SCHEMA)
-
-
 @dataclass
 class _Item:
     """One (record, response) of one mode, encoded for this source."""
@@ -508,7 +463,7 @@ class TeacherStage(Stage):
                 writes.pop(0).result()
 
         def write(part: str, i: int, rows: list[dict], k: int, info: dict) -> None:
-            writes.append(writer.submit(lambda: sd.commit(part, i, rows_to_table(rows, k), info)))
+            writes.append(writer.submit(lambda: sd.commit(part, i, teacher_table(rows), info)))
             drain(2)  # bounds the rows held in memory
 
         try:
@@ -566,7 +521,7 @@ class TeacherStage(Stage):
 
 
 def _as_arrays(row: dict, k: int) -> dict:
-    """A row read back from Parquet (nested lists) in the in-memory form rows_to_table takes."""
+    """A row read back from Parquet (nested lists) in the in-memory form teacher_table takes."""
     if isinstance(row["topk_ids"], np.ndarray):
         return row
     return {**row, "topk_ids": np.asarray(row["topk_ids"], dtype=np.int32).reshape(-1, k),
