@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from profuser.config import ModelConfig, RunConfig, missing_paths
+from profuser.config import ConfigError, ModelConfig, RunConfig, load_config, missing_paths
 
 COMMANDS = ("check", "prep", "train", "eval")
 SAMPLE_ROWS = 256  # rows formatted with every model by the preflight of prep (check: the target on all rows)
@@ -449,6 +449,20 @@ def _data_section(rep: CheckReport, cfg: RunConfig, command: str, res, data_path
     if command in ("check", "prep"):
         rep.add("")
         check_alignment(cfg, loaded, usable[0], rep)
+
+
+def load_and_preflight(args, command: str, **preflight_args) -> tuple[Optional[RunConfig], int]:
+    """A launched command's config (``args.config`` with ``args.overrides``), preflighted unless
+    ``args.skip_check``: (cfg, 0), or (None, exit code) once the problem is printed: 2 for a config
+    error, 1 when the preflight finds the run cannot start."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return None, 2
+    if not getattr(args, "skip_check", False) and not preflight(cfg, command, **preflight_args):
+        return None, 1
+    return cfg, 0
 
 
 def preflight(cfg: RunConfig, command: str, model: Optional[str] = None, data_dir: Optional[str] = None) -> bool:

@@ -339,7 +339,7 @@ class TeacherStage(Stage):
             if key not in cache:
                 try:
                     enc = encode_chat(cm.tokenizer, cm.template, rec["messages"], resp, max_len, cfg.data.overlength)
-                    cache[key] = (enc, np.asarray(enc.text_tokens(resp, special), dtype=bool))
+                    cache[key] = (enc, enc.text_tokens(resp, special))
                 except OverLength as e:
                     cache[key] = ("over_length", f"{src}: {e} (data.overlength={cfg.data.overlength})")
                 except Exception as e:  # noqa: BLE001 — a template that cannot render this response
