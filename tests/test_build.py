@@ -161,7 +161,7 @@ def test_every_text_position_gets_a_teacher_across_tokenizers(tiny_suite, tiny_m
         text_share, one_share = [], []
         for m in PREP_MODES:
             rows = TeacherRows(part_table(prepped, "teacher", f"{m}/{src}"), 5)
-            for rid, j in rows.at.items():
+            for rid, j in rows.row_of.items():
                 row = rows.row(j)
                 out = align_sample(pair, tgt, "truncate_left", records[rid]["messages"], row["response"],
                                    np.array(row["token_ids"]), row["token_logprobs"], row["topk_ids"], row["topk_logprobs"])
@@ -199,15 +199,15 @@ def test_alignment_statistics_in_the_manifest_and_wandb(prepped, base_dict):
         p = pairs[f"{s}->target"]
         assert not p["same_tokenizer"] and p["vocab_mapping"] == "prefix" and 0 < p["mapped_share"] <= 1
         a = p["all"]
-        mine = [r for m in PREP_MODES for r in rows[m] if r["source"] == s]
-        assert a["rows"] == len(mine)
-        if not mine:
+        taught = [r for m in PREP_MODES for r in rows[m] if r["source"] == s]
+        assert a["rows"] == len(taught)
+        if not taught:
             continue
         assert a["aligned"] <= a["transferred"] <= a["response_positions"]
         assert a["text_share"] > 0.99 and 0 < a["kept_mass"] <= 1 and 0 < a["mass"] <= 1
-        assert a["response_positions"] == sum(r["n_response"] for r in mine)
-        assert a["transferred"] == sum(r["n_transferred"] for r in mine)
-        assert abs(a["kept_mass"] - sum(r["kept_mass"] * r["n_transferred"] for r in mine) / a["transferred"]) < 1e-9
+        assert a["response_positions"] == sum(r["n_response"] for r in taught)
+        assert a["transferred"] == sum(r["n_transferred"] for r in taught)
+        assert abs(a["kept_mass"] - sum(r["kept_mass"] * r["n_transferred"] for r in taught) / a["transferred"]) < 1e-9
     # the vocabulary tables of the three pairs are cached, keyed by both tokenizers and the mode
     from profuser.chat import end_of_turn_id
     from profuser.vocab_map import cache_dir, vocab_map_key
@@ -358,7 +358,8 @@ def test_unusable_teacher_rows_fall_back_or_are_rejected_and_the_set_still_loads
 
 def test_align_sample_rejects_what_it_cannot_use(prepped, tiny_suite, target, tmp_path):
     from profuser.chat import end_of_turn_id
-    from profuser.prep.align_stage import Reject, Target, TeacherRows, align_sample, make_pair
+    from profuser.data import Reject
+    from profuser.prep.align_stage import Target, TeacherRows, align_sample, make_pair
 
     cfg = parse_config(tiny_config_dict(tiny_suite, prepped))
     eot = end_of_turn_id(target.tokenizer, target.template)
@@ -386,7 +387,7 @@ def test_align_sample_rejects_what_it_cannot_use(prepped, tiny_suite, target, tm
     for tgt, resp, a, kind in cases:
         with pytest.raises(Reject) as e:
             align_sample(pair, tgt, "truncate_left", msgs, resp, *a)
-        assert e.value.kind == kind, (kind, e.value.reason)
+        assert e.value.kind == kind, (kind, e.value.detail)
 
 
 @pytest.mark.slow

@@ -183,14 +183,14 @@ class VLLMGenerator:
 
     mode = "vllm"
 
-    def __init__(self, spec, cm, gcfg, max_length: int, run_seed: int, say: Callable[[str], None] = print,
+    def __init__(self, spec, chat_model, gcfg, max_length: int, run_seed: int, say: Callable[[str], None] = print,
                  environ=os.environ):
         from vllm import LLM  # noqa: imported only for this backend
 
         from profuser.models import check_no_pickle
 
         check_no_pickle(spec.path, spec.allow_pickle, spec.name)
-        self.g, self.stop = gcfg, stop_ids(cm)
+        self.g, self.stop = gcfg, stop_ids(chat_model)
         count = None
         if not environ.get("CUDA_VISIBLE_DEVICES"):
             import torch  # counts devices without creating a CUDA context
