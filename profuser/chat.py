@@ -6,6 +6,9 @@ the full one. The full text is tokenized once (so token boundaries are the model
 is a response token when its character span ends after the boundary (a token straddling the
 boundary carries response text). Labels are -100 on
 prompt tokens; the response's end-of-turn token is a label.
+
+Never picks a chat format from a model's name or path: the template is the tokenizer's own, a
+built-in named in the config, or an inline Jinja string.
 """
 from __future__ import annotations
 

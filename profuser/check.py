@@ -10,6 +10,9 @@ scorer importable and giving a finite score on one record; the data readable, wi
 rejected with its reason (special-token strings and lone surrogates included) and some rows left
 that fit every model's max_length; the DeepSpeed config parses and agrees with the `train` section;
 the training set (train) and the held-out set (eval) are readable.
+
+Reads files only: no weights unless --load-weights, nothing written; every failure is a reported
+problem, never a traceback.
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ ShareGPT `conversations` format, detected per row (or forced). Output records:
 
 `reference` is the final assistant turn (the ground truth); `messages` is everything before it.
 Accepted + rejected always equals the number of input rows.
+
+Never drops a row silently: every reject keeps its row number, kind and reason.
 """
 from __future__ import annotations
 

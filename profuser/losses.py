@@ -6,6 +6,9 @@ logits, or :func:`fused_linear_fusion_loss` over the last hidden states and the 
 Teacher rows are LABEL-ALIGNED: ``topk_ids[b, t]`` is the teacher's distribution over the token at
 position t (it pairs with ``labels[b, t]``), so the loss scores ``logits[:, :-1]`` against
 ``labels[:, 1:]`` and teacher rows ``[:, 1:]``. ``topk_ids == -1`` marks an empty entry.
+
+Never builds a dense [B, T, V] teacher tensor, never averages per micro-batch (it returns sums;
+the trainer divides once per accumulated batch), never rounds logits to a half type before a softmax.
 """
 from __future__ import annotations
 

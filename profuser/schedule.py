@@ -4,6 +4,8 @@
 
 ``step`` is the 0-based optimizer step, ``total_steps`` the number of optimizer steps in the run.
 A mode whose weight is 0 at a step needs no forward pass.
+
+Holds no state: nothing here may depend on anything but its arguments.
 """
 from __future__ import annotations
 

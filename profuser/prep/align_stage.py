@@ -35,6 +35,9 @@ Rows (docs/ARCHITECTURE.md, "Stage contracts") cover the WHOLE target sequence, 
 
 The manifest's `pairs` holds the statistics per source -> target pair and mode, `selection` the
 first-choice and actual teacher counts; both also go to W&B, and prep/stats.json is written here.
+
+Never renormalizes a teacher's probabilities, and never passes on a row whose re-tokenized
+response differs from the tokens the teacher stored (a reject line says why).
 """
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ Backends:
   static batches (logged once).
 - `vllm`: one engine per rank on that rank's local GPUs (`profuser.prep.vllm_backend`), the same
   per-record seeds as vLLM request seeds; imported only when chosen.
+
+Never shares a sample between sources or records: each (source, record) draws with its own seed.
 """
 from __future__ import annotations
 

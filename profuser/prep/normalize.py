@@ -6,6 +6,9 @@ record is then formatted with every source's and the target's chat template unde
 a reference that alone exceeds the limit) is rejected for all, so every source sees the same
 records; truncations are counted per model. The shard partition made here is the one every later
 stage keeps.
+
+Never passes on a record some model must reject (`profuser.data.length_problems`, the rule the
+preflight also counts by).
 """
 from __future__ import annotations
 

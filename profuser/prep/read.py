@@ -1,5 +1,8 @@
 """Readers for prep outputs. Shards are concatenated in shard order, which is the same whatever
-the number of processes that wrote them."""
+the number of processes that wrote them.
+
+Read-only: never writes or repairs a stage's files.
+"""
 from __future__ import annotations
 
 from pathlib import Path

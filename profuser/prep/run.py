@@ -3,6 +3,8 @@
 Every rank runs this same code (`profuser prep`, the data_prep/ scripts, or either under the
 deepspeed / torchrun launcher). Rank 0 computes the plan (hashes need file fingerprints) and hands
 it to the others, removes stale outputs, and writes each stage's manifest once all ranks are done.
+
+Holds no stage logic: each stage lives in its own module.
 """
 from __future__ import annotations
 

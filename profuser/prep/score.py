@@ -11,6 +11,8 @@ ones); most votes wins, ties go to the highest mean z-score (each scorer's score
 the sample's candidates), then to the earlier source in the config. A scorer that raises (or
 returns a non-finite score) on a candidate removes that candidate from the vote, with a reject
 line naming the scorer; a prompt left without candidates is rejected.
+
+A scorer that fails on a response rejects that candidate with the reason; it never stops the stage.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The stage machinery shared by normalize, generate, score and teacher.
+"""The stage machinery shared by every stage (normalize, generate, score, teacher, align, build).
 
 A stage declares its *parts* (independently invalidated slices: one per source for generate, one
 per (mode, source) for teacher) and, for each part, the config it depends on (`deps`). The part's
@@ -11,6 +11,8 @@ Records are split into shards once, by the normalize stage (`prep.shard_size` re
 input order); every later stage keeps that partition, so shard i of every stage covers the same
 records and its content does not depend on how many processes ran. Shard i of a part goes to rank
 (group_index * n_shards + i) % world, where parts that share a model form one group.
+
+No stage-specific logic lives here.
 """
 from __future__ import annotations
 

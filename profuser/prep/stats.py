@@ -2,6 +2,8 @@
 
 Written to run_dir/prep/stats.json and, when W&B is enabled, logged to a `prep` run (offline
 unless an API key is configured; `wandb sync` uploads it later).
+
+Reads the stage outputs only; it never changes them.
 """
 from __future__ import annotations
 

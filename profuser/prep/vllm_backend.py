@@ -14,6 +14,8 @@ tensor_parallel_size t therefore sees GPUs [r*t, (r+1)*t) of what is visible; wh
 are visible, the rank is already pinned. CUDA_VISIBLE_DEVICES is changed only while the engine
 starts (its worker processes inherit it) and restored after, so the rest of this process (the
 teacher stage on cuda:LOCAL_RANK) keeps seeing the whole node.
+
+Never imports vllm unless this backend is selected (it is an optional dependency).
 """
 from __future__ import annotations
 
