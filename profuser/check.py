@@ -66,7 +66,8 @@ def check_alignment(cfg: RunConfig, loaded: dict, record: dict, rep: CheckReport
     import numpy as np
 
     from profuser.chat import encode_chat, end_of_turn_id
-    from profuser.prep.align_stage import Reject, Target, align_sample, make_pair
+    from profuser.data import Reject
+    from profuser.prep.align_stage import Target, align_sample, make_pair
 
     target = loaded.get(("target", cfg.target.name))
     if target is None or any(p.startswith(f"target {cfg.target.name}") for p in rep.problems):
@@ -89,7 +90,7 @@ def check_alignment(cfg: RunConfig, loaded: dict, record: dict, rep: CheckReport
                                ids[:, None].astype(np.int32), zeros)
         except Reject as e:
             rep.problems.append(f"source {spec.name}: its tokens cannot be aligned with the target "
-                                f"{cfg.target.name} ({e.kind}): {e.reason}")
+                                f"{cfg.target.name} ({e.kind}): {e.detail}")
             continue
         except Exception as e:  # noqa: BLE001 — reported with the source named; the check goes on
             rep.problems.append(f"source {spec.name}: aligning it with the target {cfg.target.name} failed: "
