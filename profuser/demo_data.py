@@ -75,7 +75,8 @@ def pretrain(model, tokenizer, template: str, rows: list[dict], steps: int, lr: 
     import torch
     from tqdm.auto import tqdm
 
-    from profuser.chat import IGNORE_INDEX, encode_chat
+    from profuser.chat import encode_chat
+    from profuser.constants import IGNORE_INDEX
 
     enc = [encode_chat(tokenizer, template, r["messages"][:-1], r["messages"][-1]["content"]) for r in rows]
     gen = torch.Generator().manual_seed(seed)

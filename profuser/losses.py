@@ -6,6 +6,9 @@ logits, or :func:`fused_linear_fusion_loss` over the last hidden states and the 
 Teacher rows are LABEL-ALIGNED: ``topk_ids[b, t]`` is the teacher's distribution over the token at
 position t (it pairs with ``labels[b, t]``), so the loss scores ``logits[:, :-1]`` against
 ``labels[:, 1:]`` and teacher rows ``[:, 1:]``. ``topk_ids == -1`` marks an empty entry.
+
+Never builds a dense [B, T, V] teacher tensor, never averages per micro-batch (it returns sums;
+the trainer divides once per accumulated batch), never rounds logits to a half type before a softmax.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from profuser.constants import IGNORE_INDEX, LOSS_CHUNK_SIZE
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "ce")
 TEACHER_REST = ("other", "renormalize")
 _NEG = torch.finfo(torch.float32).min  # finite "log 0": keeps masked logsumexp and its grad NaN-free
@@ -145,7 +149,7 @@ def fusion_loss(
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     fusellm_lambda: float | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = LOSS_CHUNK_SIZE,
     rest: str = "other",
     min_mass: float = 0.0,
 ) -> LossParts:
@@ -312,7 +316,7 @@ def fused_linear_fusion_loss(
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     fusellm_lambda: float | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = LOSS_CHUNK_SIZE,
     rest: str = "other",
     min_mass: float = 0.0,
 ) -> LossParts:

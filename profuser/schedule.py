@@ -4,6 +4,8 @@
 
 ``step`` is the 0-based optimizer step, ``total_steps`` the number of optimizer steps in the run.
 A mode whose weight is 0 at a step needs no forward pass.
+
+Holds no state: nothing here may depend on anything but its arguments.
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import hashlib
 import math
 from typing import Iterable, Sequence
 
+from profuser.constants import MODES  # noqa: F401 — re-exported: the trainer and dataset import it from here
+
 PRESETS = ("profuser", "ramp", "simul", "reverse", "fusellm", "inference_only", "sft", "custom")
 RAMP_SHAPES = ("linear", "cosine")
-MODES = ("inference", "training")
 _CONSTANT = {"simul": (1.0, 1.0), "fusellm": (0.0, 1.0), "inference_only": (1.0, 0.0), "sft": (0.0, 1.0)}
 
 

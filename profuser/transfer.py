@@ -1,4 +1,5 @@
-"""Source top-k rows -> a teacher distribution at every target response position (DESIGN §3).
+"""Source top-k rows -> a teacher distribution at every target response position
+(docs/ARCHITECTURE.md, "Cross-tokenizer transfer").
 
 The rule, for target token t_j covering response bytes [a, b) (spans from profuser.align, relative
 to where the response starts in each chat rendering; a target token that begins in the template

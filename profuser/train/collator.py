@@ -12,7 +12,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from profuser.constants import IGNORE_INDEX
 
 
 class RawBatch(list):
