@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from profuser.constants import DIVERGENCES, LOSS_CHUNK_SIZE, TEACHER_REST
 from profuser.schedule import PRESETS, RAMP_SHAPES, validate_custom_weights
 
 
@@ -254,8 +255,8 @@ class TrainConfig(Section):
     fusellm_lambda: Optional[float] = Field(
         None, description="If set, use lambda*CE + (1-lambda)*D instead of CE + beta*D.", ge=0.0, le=1.0
     )
-    divergence: Literal["forward_kl", "reverse_kl", "ce"] = Field("forward_kl", description="Distillation divergence D.")
-    teacher_rest: Literal["other", "renormalize"] = Field(
+    divergence: Literal[DIVERGENCES] = Field("forward_kl", description="Distillation divergence D.")
+    teacher_rest: Literal[TEACHER_REST] = Field(
         "other", description="The teacher's probability off its stored entries (top-k cut, unmapped tokens): other = "
         "one extra bucket compared with the student's mass off those ids (a position that kept little mass "
         "stays unsure); renormalize = the entries scaled up to sum to 1 (FuseLLM-style top-k)."
@@ -266,7 +267,7 @@ class TrainConfig(Section):
     )
     temperature: float = Field(1.0, description="Distillation temperature tau.", gt=0.0)
     loss_chunk_size: int = Field(
-        256, description="Positions per fp32 loss chunk: the loss holds chunk x vocab fp32 temporaries (smaller = less "
+        LOSS_CHUNK_SIZE, description="Positions per fp32 loss chunk: the loss holds chunk x vocab fp32 temporaries (smaller = less "
         "memory, more passes). Fused path: label tokens of the whole micro-batch; logits path: positions of "
         "each sequence.", ge=1
     )

@@ -16,5 +16,11 @@ Reordering it would change stored files."""
 IGNORE_INDEX = -100
 """Label of a token that is not trained on (prompt, padding): PyTorch's cross-entropy default."""
 
+DIVERGENCES = ("forward_kl", "reverse_kl", "ce")
+"""The distillation divergences D of profuser.losses (``train.divergence``)."""
+
+TEACHER_REST = ("other", "renormalize")
+"""What the teacher's mass off its stored entries becomes in the loss (``train.teacher_rest``)."""
+
 LOSS_CHUNK_SIZE = 256
 """Default positions (fused path: label tokens) per fp32 loss chunk (``train.loss_chunk_size``)."""

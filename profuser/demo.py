@@ -45,6 +45,7 @@ from pathlib import Path
 
 import yaml
 
+from profuser.constants import PREP_MODES
 from profuser.demo_data import SKILLS, SPACE, make_records
 from profuser.prep.dist import free_port, remove_shm_buffers
 
@@ -302,7 +303,7 @@ def assemble_results(design: dict, sources: dict[str, dict], targets: dict[tuple
     seeds, presets = design["seeds"], design["presets"]
     mean_share: dict = {}
     min_designed: dict = {}
-    for mode in ("training", "inference"):
+    for mode in PREP_MODES:
         for sk in SKILLS:
             for name in SPECIALISTS:
                 vals = [shares[s].get(mode, {}).get(sk, {}).get(name, 0.0) for s in seeds]
@@ -341,7 +342,7 @@ def format_table(res: dict) -> str:
                   "share in brackets; designed specialist marked *)"]
     head = f"{'mode':10} {'skill':11} " + " ".join(f"{s:>20}" for s in SPECIALISTS)
     lines += [head, "-" * len(head)]
-    for mode in ("training", "inference"):
+    for mode in PREP_MODES:
         for sk in SKILLS:
             per = shares.get(mode, {}).get(sk, {})
             cells = []

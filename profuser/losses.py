@@ -18,10 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from profuser.constants import IGNORE_INDEX, LOSS_CHUNK_SIZE
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "ce")
-TEACHER_REST = ("other", "renormalize")
+from profuser.constants import DIVERGENCES, IGNORE_INDEX, LOSS_CHUNK_SIZE, TEACHER_REST  # noqa: F401 (re-exported)
 _NEG = torch.finfo(torch.float32).min  # finite "log 0": keeps masked logsumexp and its grad NaN-free
 _LOG_P_MIN = math.log(1e-8)  # reverse_kl: an empty teacher "other" bucket counts as 1e-8 (KL(q||p) stays finite)
 

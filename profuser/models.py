@@ -321,9 +321,9 @@ def dequantize_gguf(spec: ModelConfig, root: str | Path) -> ModelConfig:
 
 
 def load_chat_model(spec: ModelConfig, device: Optional[str] = None) -> ChatModel:
-    cm = load_chat_tokenizer(spec)
-    cm.model, cm.attn_implementation = load_model(spec, device=device)
-    return cm
+    chat_model = load_chat_tokenizer(spec)
+    chat_model.model, chat_model.attn_implementation = load_model(spec, device=device)
+    return chat_model
 
 
 def smollm2_gguf() -> Optional[str]:
