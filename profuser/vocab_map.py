@@ -129,8 +129,10 @@ def _soft_fill(out: np.ndarray, s: Surfaces, t: Surfaces, max_ratio: float, budg
     """Fill -1 entries of `out` (non-special sources) with the nearest target by edit distance.
 
     Candidates share the leading-space flag and first byte after it (a space-prefixed word never
-    maps to a bare piece) and have a length within -2..+8 of the chunk's shortest source; chunks are
-    sized so the distance tensor stays near `budget` cells."""
+    maps to a bare piece) and have a length within -2..+8 of the chunk's shortest source. Distances
+    come from rapidfuzz (align.edit_distance_matrix); the chunks keep the sizes of the former numpy
+    version (`budget` cells of a [sources, candidates, length] tensor) because they set the
+    candidates' length window, so the tables stay the same (MAP_VERSION)."""
     todo = [i for i in np.flatnonzero(out < 0) if not s.special[i] and s.surfaces[i]]
     index = _target_index(t)
 

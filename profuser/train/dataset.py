@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler as TransformersLengthGroupedSampler
 
 from profuser.schedule import MODES
 
@@ -151,33 +152,22 @@ class FusionDataset(torch.utils.data.Dataset):
         return out
 
 
-class LengthGroupedSampler(torch.utils.data.Sampler):
-    """Random order in which runs of ``group_size`` consecutive samples have similar lengths.
+class LengthGroupedSampler(TransformersLengthGroupedSampler):
+    """transformers' LengthGroupedSampler (random order in which runs of up to 50 batches are sorted
+    by length, the longest sample first, so an out-of-memory shows at step 1) with its generator
+    reseeded from (seed, epoch) at every iteration: a resumed run and every rank draw the same order.
 
-    A pure function of (seed, epoch) — ``set_epoch`` is called by the Trainer — so a resumed run
-    draws the same order. The longest group comes first, so an out-of-memory shows at step 1.
+    The Trainer calls ``set_epoch``; transformers' own sampler draws from the global torch RNG instead.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega_batch_mult: int | None = None):
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        super().__init__(batch_size, lengths=list(lengths), generator=torch.Generator())
         self.seed = seed
         self.epoch = 0
-        if mega_batch_mult is None:  # as transformers' LengthGroupedSampler: up to 50 batches per group
-            mega_batch_mult = max(1, min(len(self.lengths) // (batch_size * 4), 50))
-        self.group_size = mega_batch_mult * batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return len(self.lengths)
-
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(len(self.lengths), generator=g).tolist()
-        groups = [sorted(perm[i:i + self.group_size], key=lambda j: -self.lengths[j])
-                  for i in range(0, len(perm), self.group_size)]
-        longest = max(range(len(groups)), key=lambda gi: self.lengths[groups[gi][0]])
-        groups[0], groups[longest] = groups[longest], groups[0]
-        return iter([j for group in groups for j in group])
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
