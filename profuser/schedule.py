@@ -5,7 +5,8 @@
 ``step`` is the 0-based optimizer step, ``total_steps`` the number of optimizer steps in the run.
 A mode whose weight is 0 at a step needs no forward pass.
 
-Holds no state: nothing here may depend on anything but its arguments.
+Holds no state: nothing here may depend on anything but its arguments. It never imports torch or
+numpy (the config imports it to check presets).
 """
 from __future__ import annotations
 

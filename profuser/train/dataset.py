@@ -4,7 +4,8 @@ One row per sample id (docs/ARCHITECTURE.md, "Stage contracts"): ``id``, ``meta`
 (inference, training), ``{m}_input_ids``, ``{m}_labels``, ``{m}_teacher``, ``{m}_teacher_score``,
 ``{m}_topk_ids`` [T, k] int32 (-1 = none) and ``{m}_topk_logprobs`` [T, k] float16 — all null when
 the mode is absent for the sample. The shards are loaded with ``datasets`` (memory-mapped Arrow),
-and a row becomes numpy arrays: the sparse teacher stays [T, k].
+and a row becomes numpy arrays: the sparse teacher stays [T, k]. It must never densify the teacher,
+and never repair a malformed row: it raises TrainingSetError naming the row.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""FusionTrainer: progressive two-mode distillation as a ``transformers.Trainer``.
+"""FusionTrainer: progressive two-mode distillation as a ``transformers.Trainer``. It must never densify
+the teacher nor average a loss per micro-batch: losses are sums, divided by the step's token counts.
 
 Per optimizer step (``get_batch_samples``, which sees the whole accumulated batch):
   1. mode weights (w_inf, w_train) = profuser.schedule.mode_weights(step, total steps); a mode with
