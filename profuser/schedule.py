@@ -14,8 +14,6 @@ import hashlib
 import math
 from typing import Iterable, Sequence
 
-from profuser.constants import MODES  # noqa: F401 — re-exported: the trainer and dataset import it from here
-
 PRESETS = ("profuser", "ramp", "simul", "reverse", "fusellm", "inference_only", "sft", "custom")
 RAMP_SHAPES = ("linear", "cosine")
 _CONSTANT = {"simul": (1.0, 1.0), "fusellm": (0.0, 1.0), "inference_only": (1.0, 0.0), "sft": (0.0, 1.0)}

@@ -18,10 +18,10 @@ import pyarrow.compute as pc
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler as TransformersLengthGroupedSampler
 
-from profuser.schedule import MODES
+from profuser.constants import MODES
+from profuser.prep.formats import BUILD_FIELDS
 
-FIELDS = ("input_ids", "labels", "teacher", "teacher_score", "topk_ids", "topk_logprobs")
-REQUIRED = ("id",) + tuple(f"{m}_{f}" for m in MODES for f in FIELDS)
+REQUIRED = ("id",) + tuple(f"{m}_{f}" for m in MODES for f in BUILD_FIELDS)
 
 
 class TrainingSetError(ValueError):
@@ -51,7 +51,10 @@ def shard_paths(path: str | Path) -> list[Path]:
 
 
 def _list2d(arr: pa.Array, what: str) -> Optional[np.ndarray]:
-    """One list<list<x>> value (an array of length 1) -> [T, k] numpy, or None when null."""
+    """One list<list<x>> value (an array of length 1) -> [T, k] numpy, or None when null.
+
+    Not ``formats.unnest``: that needs k up front, turns a null into an empty array, and checks only
+    the total count, not that every row holds k entries; here k is read from the row and a ragged row is an error."""
     if arr.null_count:
         return None
     rows = arr.flatten()  # list<x>, length T
@@ -85,7 +88,7 @@ class FusionDataset(torch.utils.data.Dataset):
         missing = [c for c in REQUIRED if c not in ds.column_names]
         if missing:
             raise TrainingSetError(f"training set {str(path)!r} lacks columns {missing}; expected the build "
-                                   f"stage's schema (id, meta, {{mode}}_{{{','.join(FIELDS)}}})")
+                                   f"stage's schema (id, meta, {{mode}}_{{{','.join(BUILD_FIELDS)}}})")
         if len(ds) == 0:
             raise TrainingSetError(f"training set {str(path)!r} has no rows")
         self.path = Path(path)

@@ -48,8 +48,9 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer
 
+from profuser.constants import MODES
 from profuser.losses import fusion_loss
-from profuser.schedule import MODES, draw_modes, mode_weights, preset_beta, sampling_scale
+from profuser.schedule import draw_modes, mode_weights, preset_beta, sampling_scale
 from profuser.train.collator import RawBatch, collate, count_targets, placeholder_mode
 from profuser.train.dataset import LengthGroupedSampler
 from profuser.train.fused import choose_loss_path, fused_forward
