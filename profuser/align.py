@@ -1,4 +1,6 @@
-"""Cross-tokenizer token alignment through exact byte spans of the same text (DESIGN §3.1, §3.3).
+"""Cross-tokenizer token alignment through exact byte spans of the same text (docs/ARCHITECTURE.md,
+"Cross-tokenizer transfer"). Tokenizers and text in, numpy out: it never imports torch and never
+loads model weights.
 
 Two tokenizations of one text are related through the bytes each token stands for. Every token gets
 a span [start, end) of BYTES of the UTF-8 text, and a flag `exact`: the token's real surface bytes

@@ -1,4 +1,8 @@
-"""The `profuser` command. Every subcommand takes the run's YAML config and `key.sub=value` overrides."""
+"""The `profuser` command. Every subcommand takes the run's YAML config and `key.sub=value` overrides.
+
+It must never do a command's work: each subcommand imports its module only when it runs, so
+`profuser --help` never imports torch.
+"""
 from __future__ import annotations
 
 import argparse

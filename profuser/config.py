@@ -5,6 +5,9 @@ indexes into lists). A field is declared once, here, with its type, default, all
 text; from that declaration come the validation (strict: no unknown keys, no coercion, finite
 floats), the error messages (:func:`validate`: the key, the bad value and what is allowed),
 docs/CONFIG.md (:func:`reference_markdown`) and the training arguments (``profuser.train.args``).
+
+It must never import torch, load a model or read data: every command reads a config first. The only
+file it writes is RUN_DIR/config.yaml (:func:`save_resolved`).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Constants more than one module relies on, defined here once.
 
-Only plain values: importing this module must stay free (no torch, no pyarrow), and nothing here
-may depend on a config or a run.
+Only plain values: importing this module must stay free, so it must never import anything (not torch,
+not pyarrow, not another profuser module), and nothing here may depend on a config or a run.
 """
 
 MODES = ("inference", "training")

@@ -1,5 +1,6 @@
 """`profuser demo [--out DIR] [--seeds N]`: the whole system on a CPU, built like the situation
-fusion is for, every number measured by the run.
+fusion is for, every number measured by the run. It must never write outside --out, and never show a
+number that this run did not measure.
 
 Design (the premise, fixed before any result was seen): each source is a specialist that learned
 its skill from far more examples than the fusion set holds; the fusion set has a few correct ground

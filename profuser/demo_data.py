@@ -1,5 +1,6 @@
 """Synthetic skills for the CPU demo, and the short pre-training that makes each tiny source a
-specialist in one of them.
+specialist in one of them. The data come from seeded generators: this module never reads a file or
+the network, and imports torch only inside `pretrain`.
 
 Three skills, one per source family, each with a rule a scorer can check exactly:
 

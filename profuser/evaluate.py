@@ -1,4 +1,5 @@
-"""`profuser eval CONFIG --model DIR`: judge a model by numbers on the held-out set.
+"""`profuser eval CONFIG --model DIR`: judge a model by numbers on the held-out set. It must never change
+a model, and never keep two models resident at once.
 
 For every held-out record (data.eval_path):
 - teacher-forced CE of the model on the ground-truth response (mean over all response tokens of the

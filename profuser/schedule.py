@@ -5,15 +5,14 @@
 ``step`` is the 0-based optimizer step, ``total_steps`` the number of optimizer steps in the run.
 A mode whose weight is 0 at a step needs no forward pass.
 
-Holds no state: nothing here may depend on anything but its arguments.
+Holds no state: nothing here may depend on anything but its arguments. It never imports torch or
+numpy (the config imports it to check presets).
 """
 from __future__ import annotations
 
 import hashlib
 import math
 from typing import Iterable, Sequence
-
-from profuser.constants import MODES  # noqa: F401 — re-exported: the trainer and dataset import it from here
 
 PRESETS = ("profuser", "ramp", "simul", "reverse", "fusellm", "inference_only", "sft", "custom")
 RAMP_SHAPES = ("linear", "cosine")

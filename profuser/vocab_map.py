@@ -1,4 +1,5 @@
-"""Source -> target vocabulary mapping and top-k re-expression (DESIGN §3.2, §3.3).
+"""Source -> target vocabulary mapping and top-k re-expression (docs/ARCHITECTURE.md, "Cross-tokenizer
+transfer").
 
 A source id maps to the target id with the same surface bytes (profuser.align.token_surface:
 byte-level decoded, `▁` -> space, `<0xNN>` -> the byte), so `ĠcafÃ©` and `▁café` meet as b" café".

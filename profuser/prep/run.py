@@ -4,7 +4,8 @@ Every rank runs this same code (`profuser prep`, the data_prep/ scripts, or eith
 deepspeed / torchrun launcher). Rank 0 computes the plan (hashes need file fingerprints) and hands
 it to the others, removes stale outputs, and writes each stage's manifest once all ranks are done.
 
-Holds no stage logic: each stage lives in its own module.
+Holds no stage logic: each stage lives in its own module. It never loads a model itself: stages load
+theirs through `Context.loader`.
 """
 from __future__ import annotations
 

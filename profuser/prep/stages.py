@@ -12,7 +12,7 @@ input order); every later stage keeps that partition, so shard i of every stage 
 records and its content does not depend on how many processes ran. Shard i of a part goes to rank
 (group_index * n_shards + i) % world, where parts that share a model form one group.
 
-No stage-specific logic lives here.
+No stage-specific logic lives here, and it never writes or removes anything outside RUN_DIR/prep/.
 """
 from __future__ import annotations
 

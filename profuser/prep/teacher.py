@@ -1,5 +1,6 @@
 """Stage 4, teacher: each source teacher-forced on the ground truth (training mode) and the score
 winner on its own response (inference mode); per response token its top-k next-token distribution.
+It must never materialize a batch's [N, V] logits, nor cast logits to a half type before the top-k.
 
 Parts: `training/<source>` holds every source's rows on the reference, so the align stage can rank
 them by MinCE (profuser.selection) and the winner's distributions need no second pass;

@@ -1,6 +1,7 @@
 """Entry point under a launcher: ``deepspeed --module profuser.train CONFIG [key.sub=value ...] [--data DIR]``.
 
 Also ``python -m profuser.train CONFIG ...`` (one process); ``profuser train`` is the same command.
+It parses arguments and calls ``profuser.train.run.train``: it must never hold training logic.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ every key once.
 
 A ``train`` key that TrainingArguments has goes to it under its own name; a few are translated
 (``TRANSLATED``); every other key becomes a field of :class:`FusionTrainingArguments` with the
-config's default and help text. Adding a ``train`` key therefore needs no edit here.
+config's default and help text. Adding a ``train`` key therefore needs no edit here. This module must
+never declare, default or check a ``train`` key itself.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ One row per sample id (docs/ARCHITECTURE.md, "Stage contracts"): ``id``, ``meta`
 (inference, training), ``{m}_input_ids``, ``{m}_labels``, ``{m}_teacher``, ``{m}_teacher_score``,
 ``{m}_topk_ids`` [T, k] int32 (-1 = none) and ``{m}_topk_logprobs`` [T, k] float16 — all null when
 the mode is absent for the sample. The shards are loaded with ``datasets`` (memory-mapped Arrow),
-and a row becomes numpy arrays: the sparse teacher stays [T, k].
+and a row becomes numpy arrays: the sparse teacher stays [T, k]. It must never densify the teacher,
+and never repair a malformed row: it raises TrainingSetError naming the row.
 """
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ import pyarrow.compute as pc
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler as TransformersLengthGroupedSampler
 
-from profuser.schedule import MODES
+from profuser.constants import MODES
+from profuser.prep.formats import BUILD_FIELDS
 
-FIELDS = ("input_ids", "labels", "teacher", "teacher_score", "topk_ids", "topk_logprobs")
-REQUIRED = ("id",) + tuple(f"{m}_{f}" for m in MODES for f in FIELDS)
+REQUIRED = ("id",) + tuple(f"{m}_{f}" for m in MODES for f in BUILD_FIELDS)
 
 
 class TrainingSetError(ValueError):
@@ -50,7 +51,10 @@ def shard_paths(path: str | Path) -> list[Path]:
 
 
 def _list2d(arr: pa.Array, what: str) -> Optional[np.ndarray]:
-    """One list<list<x>> value (an array of length 1) -> [T, k] numpy, or None when null."""
+    """One list<list<x>> value (an array of length 1) -> [T, k] numpy, or None when null.
+
+    Not ``formats.unnest``: that needs k up front, turns a null into an empty array, and checks only
+    the total count, not that every row holds k entries; here k is read from the row and a ragged row is an error."""
     if arr.null_count:
         return None
     rows = arr.flatten()  # list<x>, length T
@@ -84,7 +88,7 @@ class FusionDataset(torch.utils.data.Dataset):
         missing = [c for c in REQUIRED if c not in ds.column_names]
         if missing:
             raise TrainingSetError(f"training set {str(path)!r} lacks columns {missing}; expected the build "
-                                   f"stage's schema (id, meta, {{mode}}_{{{','.join(FIELDS)}}})")
+                                   f"stage's schema (id, meta, {{mode}}_{{{','.join(BUILD_FIELDS)}}})")
         if len(ds) == 0:
             raise TrainingSetError(f"training set {str(path)!r} has no rows")
         self.path = Path(path)
