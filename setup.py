@@ -17,7 +17,9 @@ setup(
     # (the fusion loss is normalized over the whole accumulated batch), accelerate 1.3 the first with
     # unwrap_model(keep_torch_compile=...), which that Trainer calls. tokenizers and safetensors
     # floors are what transformers 5.19 itself requires; torch is tested at 2.13 only (the floor is
-    # the one recent transformers releases ask for).
+    # the one recent transformers releases ask for). pydantic 2.7 is the oldest the config is tested
+    # with (floor.sh; DeepSpeed and W&B need pydantic 2 anyway). rapidfuzz 3.0 (process.cdist with dtype,
+    # bytes inputs) gives the same edit distances as 3.14; launch/floor.sh pins it too.
     install_requires=[
         "torch>=2.6,<2.14",
         "transformers>=5.19.0,<6",
@@ -26,6 +28,7 @@ setup(
         "deepspeed>=0.17.0,<0.20",
         "wandb>=0.19",
         "PyYAML>=6.0",
+        "pydantic>=2.7,<3",
         "numpy>=1.26",
         "safetensors>=0.8",
         "accelerate>=1.3.0",
@@ -33,6 +36,7 @@ setup(
         "jinja2>=3.1",
         "gguf>=0.10",
         "matplotlib>=3.8",
+        "rapidfuzz>=3.0.0",
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],

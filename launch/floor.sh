@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The lower bounds of setup.py, tested: a separate virtual environment with transformers, datasets,
-# deepspeed and accelerate at the lowest versions setup.py admits (everything else, torch included,
+# deepspeed, accelerate, pydantic and rapidfuzz at the lowest versions setup.py admits (everything else, torch included,
 # comes from this Python's site-packages), then the smoke subset: config -> `profuser check` ->
 # `profuser prep` -> a 2-step, 2-rank ZeRO-2 training under the deepspeed launcher -> from_pretrained
 # (tests/test_smoke.py). CI runs it after the main suite.
@@ -15,7 +15,7 @@ VENV=${FLOOR_VENV:-/tmp/profuser-floor-venv}
 pins=$("$PY" -c '
 import re
 src = open("setup.py").read()
-for name in ("transformers", "datasets", "deepspeed", "accelerate"):
+for name in ("transformers", "datasets", "deepspeed", "accelerate", "pydantic", "rapidfuzz"):
     print(name + "==" + re.search(r"\"" + name + r">=([0-9][^,\"]*)", src).group(1))
 ')
 echo "[floor] $(echo $pins) in $VENV"
@@ -28,5 +28,5 @@ export TORCH_EXTENSIONS_DIR="$VENV/torch_extensions"  # DeepSpeed's JIT-built op
 "$VENV/bin/python" -c '
 import importlib.metadata as md
 print("[floor] testing with " + ", ".join(n + " " + md.version(n) for n in
-      ("torch", "transformers", "datasets", "deepspeed", "accelerate", "tokenizers", "safetensors")))'
+      ("torch", "transformers", "datasets", "deepspeed", "accelerate", "pydantic", "rapidfuzz", "tokenizers", "safetensors")))'
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider tests/test_smoke.py "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run the whole data prep (normalize, generate, score, teacher) on all GPUs of this node, one
-# process per GPU under the deepspeed launcher. Finished stages and shards are skipped, so rerunning
-# after a crash resumes where it stopped.
+# Run the whole data prep (normalize, generate, score, teacher, align, build) on all GPUs of this
+# node, one process per GPU under the deepspeed launcher. Finished stages and shards are skipped, so
+# rerunning after a crash resumes where it stopped.
 #
 #   bash launch/prep.sh CONFIG [key.sub=value ...]
 #   NPROC=4 bash launch/prep.sh CONFIG               # use 4 GPUs (default: all visible)

@@ -1,4 +1,6 @@
-"""Cross-tokenizer token alignment through exact byte spans of the same text (DESIGN §3.1, §3.3).
+"""Cross-tokenizer token alignment through exact byte spans of the same text (docs/ARCHITECTURE.md,
+"Cross-tokenizer transfer"). Tokenizers and text in, numpy out: it never imports torch and never
+loads model weights.
 
 Two tokenizations of one text are related through the bytes each token stands for. Every token gets
 a span [start, end) of BYTES of the UTF-8 text, and a flag `exact`: the token's real surface bytes
@@ -43,15 +45,9 @@ _ASCII_SPACE[list(b" \t\n\r\x0b\x0c")] = True
 @lru_cache(maxsize=1)
 def byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: the printable character standing for each byte."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -390,37 +386,11 @@ def _as_bytes(t) -> bytes:
 
 
 def edit_distance_matrix(a: Sequence[bytes], b: Sequence[bytes]) -> np.ndarray:
-    """int64 [len(a), len(b)] Levenshtein distances between byte strings, vectorized over all pairs.
+    """int64 [len(a), len(b)] Levenshtein distances between byte strings (rapidfuzz's C++ cdist)."""
+    from rapidfuzz.distance import Levenshtein
+    from rapidfuzz.process import cdist
 
-    Row recurrence x_j = min(a_j, x_{j-1} + 1) is unrolled to x_j = j + cummin_k<=j(a_k - k), so
-    each of the max(len(a_i)) rows is a handful of numpy ops over [len(a), len(b), max_len_b + 1].
-    """
-    na, nb = len(a), len(b)
-    if na == 0 or nb == 0:
-        return np.zeros((na, nb), dtype=np.int64)
-    la = np.array([len(x) for x in a], dtype=np.int64)
-    lb = np.array([len(x) for x in b], dtype=np.int64)
-    ma, mb = int(la.max()), int(lb.max())
-    A = np.full((na, max(ma, 1)), -1, dtype=np.int16)
-    B = np.full((nb, max(mb, 1)), -2, dtype=np.int16)
-    for i, x in enumerate(a):
-        A[i, :len(x)] = np.frombuffer(x, dtype=np.uint8)
-    for i, x in enumerate(b):
-        B[i, :len(x)] = np.frombuffer(x, dtype=np.uint8)
-    cols = np.arange(mb + 1, dtype=np.int32)
-    row = np.broadcast_to(cols, (na, nb, mb + 1)).astype(np.int32)  # D[0][j] = j
-    res = np.where(la[:, None] == 0, lb[None, :], 0).astype(np.int64)
-    take_b = lb[None, :, None]
-    for i in range(1, ma + 1):
-        sub = (A[:, None, None, i - 1] != B[None, :, :]).astype(np.int32)  # [na, nb, mb]
-        cand = np.empty_like(row)
-        cand[..., 0] = row[..., 0] + 1
-        cand[..., 1:] = np.minimum(row[..., 1:] + 1, row[..., :-1] + sub)
-        row = cols + np.minimum.accumulate(cand - cols, axis=-1)
-        done = la == i
-        if done.any():
-            res[done] = np.take_along_axis(row[done], np.broadcast_to(take_b, (int(done.sum()), nb, 1)), -1)[..., 0]
-    return res
+    return cdist(list(a), list(b), scorer=Levenshtein.distance, dtype=np.int64).reshape(len(a), len(b))
 
 
 def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:

@@ -6,13 +6,18 @@ the full one. The full text is tokenized once (so token boundaries are the model
 is a response token when its character span ends after the boundary (a token straddling the
 boundary carries response text). Labels are -100 on
 prompt tokens; the response's end-of-turn token is a label.
+
+Never picks a chat format from a model's name or path: the template is the tokenizer's own, a
+built-in named in the config, or an inline Jinja string.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-IGNORE_INDEX = -100
+import numpy as np
+
+from profuser.constants import IGNORE_INDEX
 
 _VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -115,18 +120,17 @@ class Encoded:
     # for a tokenizer without offsets (then the prompt is the tokens the full text shares with it)
     boundary: int = 0  # character index where the response region starts (len(prompt text))
 
-    def text_tokens(self, response: str, special_ids=()) -> list[bool]:
-        """Per response token (input_ids[prompt_len:]): does it encode characters of `response`
-        itself? Template text after the response (end-of-turn token, ChatML's newline) does not.
-        When the template rewrote the response (not verbatim in the rendering), or the tokenizer has
-        no offsets, every response token that is not a special token counts."""
+    def text_tokens(self, response: str, special_ids=()) -> np.ndarray:
+        """Per response token (input_ids[prompt_len:]), a bool [R]: does it encode characters of
+        `response` itself? Template text after the response (end-of-turn token, ChatML's newline) does
+        not. When the template rewrote the response (not verbatim in the rendering), or the tokenizer
+        has no offsets, every response token that is not a special token counts."""
         c = self.text.find(response, self.boundary) if response and self.offsets is not None else -1
         if c < 0:  # no offsets, or a template that rewrote the response
-            special = set(special_ids)
-            return [t not in special for t in self.input_ids[self.prompt_len:]]
-        spans = self.offsets[self.prompt_len:]
-        end = c + len(response)
-        return [s < end and e > c for s, e in spans]
+            ids = np.asarray(self.input_ids[self.prompt_len:], dtype=np.int64)
+            return ~np.isin(ids, np.fromiter(special_ids, dtype=np.int64))
+        spans = np.asarray(self.offsets[self.prompt_len:], dtype=np.int64).reshape(-1, 2)
+        return (spans[:, 0] < c + len(response)) & (spans[:, 1] > c)
 
 
 class OverLength(ValueError):

@@ -10,6 +10,9 @@ scorer importable and giving a finite score on one record; the data readable, wi
 rejected with its reason (special-token strings and lone surrogates included) and some rows left
 that fit every model's max_length; the DeepSpeed config parses and agrees with the `train` section;
 the training set (train) and the held-out set (eval) are readable.
+
+Reads files only: no weights unless --load-weights, nothing written; every failure is a reported
+problem, never a traceback.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from profuser.config import ModelConfig, RunConfig, missing_paths
+from profuser.config import ConfigError, ModelConfig, RunConfig, load_config, missing_paths
 
 COMMANDS = ("check", "prep", "train", "eval")
 SAMPLE_ROWS = 256  # rows formatted with every model by the preflight of prep (check: the target on all rows)
@@ -63,7 +66,8 @@ def check_alignment(cfg: RunConfig, loaded: dict, record: dict, rep: CheckReport
     import numpy as np
 
     from profuser.chat import encode_chat, end_of_turn_id
-    from profuser.prep.align_stage import Reject, Target, align_sample, make_pair
+    from profuser.data import Reject
+    from profuser.prep.align_stage import Target, align_sample, make_pair
 
     target = loaded.get(("target", cfg.target.name))
     if target is None or any(p.startswith(f"target {cfg.target.name}") for p in rep.problems):
@@ -74,19 +78,19 @@ def check_alignment(cfg: RunConfig, loaded: dict, record: dict, rep: CheckReport
 
     cache = cache_dir()
     for spec in cfg.sources:
-        cm = loaded.get(("source", spec.name))
-        if cm is None or any(p.startswith(f"source {spec.name}") for p in rep.problems):
+        chat_model = loaded.get(("source", spec.name))
+        if chat_model is None or any(p.startswith(f"source {spec.name}") for p in rep.problems):
             continue
         try:
-            pair = make_pair(cfg, cache, spec, tgt, cm)
-            enc = encode_chat(cm.tokenizer, cm.template, record["messages"], record["reference"])
+            pair = make_pair(cfg, cache, spec, tgt, chat_model)
+            enc = encode_chat(chat_model.tokenizer, chat_model.template, record["messages"], record["reference"])
             ids = np.asarray(enc.input_ids[enc.prompt_len:], dtype=np.int64)
             zeros = np.zeros((len(ids), 1), dtype=np.float32)
             out = align_sample(pair, tgt, "truncate_left", record["messages"], record["reference"], ids, zeros[:, 0],
                                ids[:, None].astype(np.int32), zeros)
         except Reject as e:
             rep.problems.append(f"source {spec.name}: its tokens cannot be aligned with the target "
-                                f"{cfg.target.name} ({e.kind}): {e.reason}")
+                                f"{cfg.target.name} ({e.kind}): {e.detail}")
             continue
         except Exception as e:  # noqa: BLE001 — reported with the source named; the check goes on
             rep.problems.append(f"source {spec.name}: aligning it with the target {cfg.target.name} failed: "
@@ -120,7 +124,7 @@ def conversation_kinds(records: list[dict]) -> dict[str, dict]:
     return kinds
 
 
-def template_problems(cm, kinds: dict[str, dict]) -> list[str]:
+def template_problems(chat_model, kinds: dict[str, dict]) -> list[str]:
     """The chat template renders each kind of conversation, its generation prompt is a prefix of
     the rendered conversation, and an assistant turn ends with a token."""
     from profuser.chat import end_of_turn_id, split_response
@@ -128,17 +132,17 @@ def template_problems(cm, kinds: dict[str, dict]) -> list[str]:
     out = []
     for kind, rec in kinds.items():
         try:
-            split_response(cm.tokenizer, cm.template, rec["messages"], rec["reference"])
+            split_response(chat_model.tokenizer, chat_model.template, rec["messages"], rec["reference"])
         except Exception as e:  # noqa: BLE001 — any template failure is the user's to fix
-            out.append(f"{cm.name}: chat template ({cm.template_source}) fails on a {kind} conversation "
+            out.append(f"{chat_model.name}: chat template ({chat_model.template_source}) fails on a {kind} conversation "
                        f"(record {rec['id']!r}): {_err(e)}")
     if not out:
         try:
-            if end_of_turn_id(cm.tokenizer, cm.template) is None:
-                out.append(f"{cm.name}: no end-of-turn token: the template ends an assistant turn with no special "
+            if end_of_turn_id(chat_model.tokenizer, chat_model.template) is None:
+                out.append(f"{chat_model.name}: no end-of-turn token: the template ends an assistant turn with no special "
                            "token and the tokenizer has no EOS, so generation could never stop")
         except Exception as e:  # noqa: BLE001
-            out.append(f"{cm.name}: chat template ({cm.template_source}): {_err(e)}")
+            out.append(f"{chat_model.name}: chat template ({chat_model.template_source}): {_err(e)}")
     return out
 
 
@@ -240,6 +244,7 @@ def deepspeed_problems(cfg: RunConfig) -> list[str]:
     opt = (ds.get("optimizer") or {}).get("params") or {}
     agree("optimizer.params.lr", opt.get("lr"), t.learning_rate, "train.learning_rate")
     agree("optimizer.params.weight_decay", opt.get("weight_decay"), t.weight_decay, "train.weight_decay")
+    out += _optimizer_problems(ds, path, t.optim)
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         out.append(f"{key}: {path} sets zero_optimization.stage={stage!r}; use 0, 1, 2 or 3")
@@ -248,6 +253,27 @@ def deepspeed_problems(cfg: RunConfig) -> list[str]:
         if v is not None and v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             out.append(f"{key}: {path} sets {k}={v!r}; use a positive integer or \"auto\"")
     return out
+
+
+# the train.optim values that mean the same optimizer as a DeepSpeed "AdamW" block filled from the config
+_ADAMW = ("adamw_torch", "adamw_torch_fused")
+
+
+def _optimizer_problems(ds: dict, path: str, optim: str) -> list[str]:
+    """A DeepSpeed "optimizer" block replaces train.optim: refuse a train.optim it would silently ignore."""
+    block = ds.get("optimizer")
+    if not isinstance(block, dict):
+        return []
+    kind = block.get("type")
+    if str(kind).lower() == "adamw" and optim in _ADAMW:
+        return []
+    offload = ((ds.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") not in (None, "none")
+    other = 'a DeepSpeed config without an "optimizer" block' + (
+        " and without offload_optimizer (DeepSpeed refuses another optimizer under ZeRO-Offload), e.g. "
+        "deepspeed_configs/zero3.json" if offload else "")
+    fix = (f"use train.optim={_ADAMW[0]} (the same AdamW) or, for {optim}, {other}" if str(kind).lower() == "adamw"
+           else f"to train with {optim}, use {other}")
+    return [f"train.optim: {optim!r} would be ignored: {path} defines its own optimizer ({kind!r}); {fix}"]
 
 
 def training_set_problems(data_dir: Path) -> list[str]:
@@ -331,22 +357,22 @@ def run_check(cfg: RunConfig, load_weights: bool = False, command: str = "check"
             rep.add(f"{role:8} {spec.name:22} (path missing)")
             continue
         try:
-            cm = load_chat_tokenizer(spec)
+            chat_model = load_chat_tokenizer(spec)
         except Exception as e:  # noqa: BLE001 — every failure is reported, none stops the check
             rep.add(f"{role:8} {spec.name:22} FAILED")
             rep.problems.append(f"{role} {spec.name}: {_err(e)}")
             continue
-        loaded[(role, spec.name)] = cm
-        tmpl = template_problems(cm, kinds)
+        loaded[(role, spec.name)] = chat_model
+        tmpl = template_problems(chat_model, kinds)
         rep.problems += [f"{role} {p}" for p in tmpl]
         eot_s = "?"
         if not tmpl:
             from profuser.chat import end_of_turn_id
 
-            eot_s = cm.tokenizer.convert_ids_to_tokens(end_of_turn_id(cm.tokenizer, cm.template))
-        vocab = vocab_size(spec, cm.tokenizer)
-        rep.add(f"{role:8} {spec.name:22} {type(cm.tokenizer).__name__:26} {len(cm.tokenizer):>7} "
-                f"{'yes' if _offsets_available(cm.tokenizer) else 'no':8} {cm.template_source:24} {eot_s:12}")
+            eot_s = chat_model.tokenizer.convert_ids_to_tokens(end_of_turn_id(chat_model.tokenizer, chat_model.template))
+        vocab = vocab_size(spec, chat_model.tokenizer)
+        rep.add(f"{role:8} {spec.name:22} {type(chat_model.tokenizer).__name__:26} {len(chat_model.tokenizer):>7} "
+                f"{'yes' if _offsets_available(chat_model.tokenizer) else 'no':8} {chat_model.template_source:24} {eot_s:12}")
         if role == "source" and cfg.prep.topk > vocab:
             rep.problems.append(f"prep.topk: {cfg.prep.topk} is more than source {spec.name}'s vocabulary "
                                 f"({vocab} tokens); use at most {vocab}")
@@ -407,7 +433,8 @@ def _data_section(rep: CheckReport, cfg: RunConfig, command: str, res, data_path
         rep.problems.append(f"{data_key}: no usable records in {data_path!r}" + (
             f" ({', '.join(f'{k}: {v}' for k, v in list(c['reasons'].items())[:5])})" if c["reasons"] else ""))
         return
-    specials = set().union(*(data_mod.special_strings(cm.tokenizer) for cm in loaded.values())) if loaded else set()
+    specials = (set().union(*(data_mod.special_strings(chat_model.tokenizer) for chat_model in loaded.values()))
+                if loaded else set())
     usable, escaped, rejected = [], 0, 0
     for rec in res.records:
         rec = {**rec, "messages": list(rec["messages"])}
@@ -424,31 +451,50 @@ def _data_section(rep: CheckReport, cfg: RunConfig, command: str, res, data_path
         rep.problems.append(f"{data_key}: every record spells a special token in its text and "
                             "data.special_tokens=reject rejects them all")
         return
-    for (role, name), cm in loaded.items():
-        max_len = cm.spec.max_length or cfg.data.max_length
-        every = command == "check" and role == "target"
-        rows = usable if every else usable[:SAMPLE_ROWS]
-        counter: Counter = Counter()
-        check = data_mod.make_length_check(cm.tokenizer, cm.template, max_len, cfg.data.overlength, counter)
-        reasons: Counter = Counter()
-        example = ""
-        for rec in rows:
-            try:
-                check(rec)
-            except data_mod.Reject as r:
-                reasons[r.kind] += 1
-                example = example or f"record {rec['id']!r}: {r}"
-        if every or role == "target":
-            rep.add(f"  {role} {name}, max_length {max_len}, policy {cfg.data.overlength!r}: {counter['fits']} fit, "
-                    f"{counter['truncated']} truncated, {sum(reasons.values())} rejected"
-                    + ("" if every else f" (of the first {len(rows)} records)"))
-        if rows and not counter["fits"] + counter["truncated"]:
-            what = "any record" if every else f"any of the first {len(rows)} records"
-            rep.problems.append(f"{role} {name}: no usable row: {what} is rejected with max_length {max_len} "
-                                f"({', '.join(f'{k}: {v}' for k, v in reasons.items())}; e.g. {example})")
+    # The normalize stage's rule: a record goes on only if every model (sources and target) takes it.
+    models: dict = {}  # name -> (name, chat model, max_length); a target that is also a source counts once
+    roles: dict = {}
+    for (role, name), chat_model in loaded.items():
+        models[name] = (name, chat_model, chat_model.spec.max_length or cfg.data.max_length)
+        roles[name] = role
+    models = list(models.values())
+    rows = usable if command == "check" else usable[:SAMPLE_ROWS]
+    counts = {name: Counter() for name, _, _ in models}
+    reasons: Counter = Counter()
+    kept, example = 0, ""
+    for rec in rows:
+        problems = data_mod.length_problems(rec, models, cfg.data.overlength, counts)
+        if not problems:
+            kept += 1
+            continue
+        reasons[problems[0][0]] += 1  # normalize's reject kind: the first model's
+        example = example or f"record {rec['id']!r}: {'; '.join(why for _, why in problems)}"
+    of = "" if command == "check" else f" (of the first {len(rows)} records)"
+    for name, _, max_len in models:
+        c = counts[name]
+        rep.add(f"  {roles[name]} {name}, max_length {max_len}, policy {cfg.data.overlength!r}: {c['fits']} fit, "
+                f"{c['truncated']} truncated, {c['rejected']} rejected{of}")
+    rep.add(f"  {kept} of {len(rows)} records fit every model (normalize keeps only those){of}")
+    if rows and not kept:
+        rep.problems.append(f"no usable row: every record{of} is rejected by some model "
+                            f"({', '.join(f'{k}: {v}' for k, v in reasons.items())}; e.g. {example})")
     if command in ("check", "prep"):
         rep.add("")
         check_alignment(cfg, loaded, usable[0], rep)
+
+
+def load_and_preflight(args, command: str, **preflight_args) -> tuple[Optional[RunConfig], int]:
+    """A launched command's config (``args.config`` with ``args.overrides``), preflighted unless
+    ``args.skip_check``: (cfg, 0), or (None, exit code) once the problem is printed: 2 for a config
+    error, 1 when the preflight finds the run cannot start."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return None, 2
+    if not getattr(args, "skip_check", False) and not preflight(cfg, command, **preflight_args):
+        return None, 1
+    return cfg, 0
 
 
 def preflight(cfg: RunConfig, command: str, model: Optional[str] = None, data_dir: Optional[str] = None) -> bool:

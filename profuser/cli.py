@@ -1,4 +1,8 @@
-"""The `profuser` command. Every subcommand takes the run's YAML config and `key.sub=value` overrides."""
+"""The `profuser` command. Every subcommand takes the run's YAML config and `key.sub=value` overrides.
+
+It must never do a command's work: each subcommand imports its module only when it runs, so
+`profuser --help` never imports torch.
+"""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +21,19 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def add_skip_check(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-check", action="store_true",
                    help="Start without the preflight (the checks of `profuser check`), e.g. when you know better.")
+
+
+def _launched_command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand that also runs once per process under a launcher (deepspeed, torchrun): the config
+    and its overrides (options may follow them), --skip-check, and the --local_rank launchers add."""
+    from profuser.train.__main__ import IntermixedParser
+
+    p = sub.add_parser(name, **kwargs)
+    p.__class__ = IntermixedParser
+    _add_config_args(p)
+    add_skip_check(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
 
 
 def cmd_check(args) -> int:
@@ -56,19 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     from profuser.prep.run import STAGE_NAMES, cmd_prep
-    from profuser.train.__main__ import IntermixedParser
 
-    p = sub.add_parser("prep", help="Teacher-signal data prep: normalize, generate, score, teacher.",
-                       description="Run the data-prep stages (" + ", ".join(STAGE_NAMES) + ") in order, skipping "
-                                   "finished ones and resuming interrupted ones; outputs go to RUN_DIR/prep/. Under "
-                                   "the deepspeed or torchrun launcher the shards are split across the processes "
-                                   "(launch/prep.sh).")
-    p.__class__ = IntermixedParser  # overrides may also follow --stage NAME
-    _add_config_args(p)
+    p = _launched_command(sub, "prep", help="Teacher-signal data prep: " + ", ".join(STAGE_NAMES) + ".",
+                          description="Run the data-prep stages (" + ", ".join(STAGE_NAMES) + ") in order, "
+                                      "skipping finished ones and resuming interrupted ones; outputs go to "
+                                      "RUN_DIR/prep/. Under the deepspeed or torchrun launcher the shards are split "
+                                      "across the processes (launch/prep.sh).")
     p.add_argument("--stage", choices=STAGE_NAMES, default=None,
                    help="Run only this stage (its inputs must be complete). Default: all stages.")
-    add_skip_check(p)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from launchers
     p.set_defaults(func=cmd_prep)
 
     from profuser.train.__main__ import add_arguments as add_train_arguments, run as run_train
@@ -82,23 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     from profuser.evaluate import cmd_eval
 
-    p = sub.add_parser("eval", help="Held-out CE, scores and win rates of a model; writes results.json.",
-                       description="Evaluate a model on data.eval_path: teacher-forced CE and perplexity on the "
-                                   "ground truth, greedy responses scored by the run's scorers, win rate against "
-                                   "each source's responses, per-skill breakdown; optional lm-eval tasks "
-                                   "(eval.lm_eval_tasks, needs the eval extra). Models and model scorers run on the "
-                                   "model's device (auto = cuda:LOCAL_RANK, else cpu). Under a launcher "
-                                   "(`torchrun --nproc-per-node N -m profuser.cli eval ...` or `deepspeed --module "
-                                   "profuser.cli eval ...`) the records are split across the processes and rank 0 "
-                                   "writes results.json.")
-    p.__class__ = IntermixedParser  # overrides may also follow the options
-    _add_config_args(p)
+    p = _launched_command(sub, "eval", help="Held-out CE, scores and win rates of a model; writes results.json.",
+                          description="Evaluate a model on data.eval_path: teacher-forced CE and perplexity on the "
+                                      "ground truth, greedy responses scored by the run's scorers, win rate against "
+                                      "each source's responses, per-skill breakdown; optional lm-eval tasks "
+                                      "(eval.lm_eval_tasks, needs the eval extra). Models and model scorers run on the "
+                                      "model's device (auto = cuda:LOCAL_RANK, else cpu). Under a launcher "
+                                      "(`torchrun --nproc-per-node N -m profuser.cli eval ...` or `deepspeed --module "
+                                      "profuser.cli eval ...`) the records are split across the processes and rank 0 "
+                                      "writes results.json.")
     p.add_argument("--model", required=True,
                    help="A trained model directory (e.g. RUN_DIR/train/final) or a source/target name from the config.")
     p.add_argument("--out", default=None, help="results.json path (default: RUN_DIR/eval/<model>/results.json).")
     p.add_argument("--no-compare", action="store_true", help="Skip the win rates against the sources.")
-    add_skip_check(p)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from launchers
     p.set_defaults(func=cmd_eval)
 
     from profuser.report import cmd_report

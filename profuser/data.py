@@ -8,6 +8,8 @@ ShareGPT `conversations` format, detected per row (or forced). Output records:
 
 `reference` is the final assistant turn (the ground truth); `messages` is everything before it.
 Accepted + rejected always equals the number of input rows.
+
+Never drops a row silently: every reject keeps its row number, kind and reason.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -26,11 +28,13 @@ FORMATS = ("messages", "alpaca", "sharegpt")
 
 
 class Reject(ValueError):
-    """A row cannot be used; str(self) is the reason. `kind` is a short category for counting."""
+    """A row (or one teacher's row for a sample) cannot be used: `kind` is a short category for
+    counting, `detail` the reason, str(self) both. `target_side`: the cause is the target's (its
+    template, length or tokens), so no other source could do better."""
 
-    def __init__(self, kind: str, detail: str):
+    def __init__(self, kind: str, detail: str, target_side: bool = False):
         super().__init__(f"{kind}: {detail}")
-        self.kind = kind
+        self.kind, self.detail, self.target_side = kind, detail, target_side
 
 
 @dataclass
@@ -268,15 +272,9 @@ def guard_special_tokens(rec: dict, strings: set[str], policy: str) -> bool:
     return True
 
 
-LengthCheck = Callable[[dict], Optional[str]]  # record -> None (fits) or "truncated" ; raises Reject
-
-
-def normalize(path: str | Path, fmt: str = "auto", limit: Optional[int] = None,
-              length_check: Optional[LengthCheck] = None) -> NormalizeResult:
-    """Read and normalize every row; `length_check` applies the over-length policy of a tokenizer.
-
-    Duplicate ids (given, or identical content) keep the first occurrence.
-    """
+def normalize(path: str | Path, fmt: str = "auto", limit: Optional[int] = None) -> NormalizeResult:
+    """Read and normalize every row. Duplicate ids (given, or identical content) keep the first
+    occurrence. Lengths are checked later, per model (:func:`length_problems`)."""
     res = NormalizeResult()
     seen: dict[str, int] = {}
     for n, row in read_rows(path):
@@ -287,8 +285,6 @@ def normalize(path: str | Path, fmt: str = "auto", limit: Optional[int] = None,
             rec = normalize_row(row, fmt)
             if rec["id"] in seen:
                 raise Reject("duplicate_id", f"id {rec['id']!r} already used by row {seen[rec['id']]}")
-            if length_check is not None:
-                length_check(rec)
         except Reject as r:
             res.rejects.append({"row": n, "kind": r.kind, "reason": str(r)})
             continue
@@ -310,23 +306,24 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     os.replace(tmp, p)
 
 
-def make_length_check(tokenizer, template: str, max_length: int, overlength: str, counter: Counter) -> LengthCheck:
-    """A LengthCheck formatting each record with one model's chat template.
-
-    Counts outcomes in `counter` ("fits", "truncated"); over-length rows under policy "reject" (or
-    whose response alone is too long) raise Reject("over_length").
-    """
+def length_problems(rec: dict, models: list, overlength: str, counts: dict) -> list[tuple[str, str]]:
+    """Format `rec` with every model of `models` ((name, chat model, max_length) triples) under the
+    over-length policy `overlength`, counting each model's outcome in counts[name] ("fits",
+    "truncated", "rejected"). Returns (kind, "name: reason") per model that cannot take the record:
+    a record one model rejects is rejected for all, so every source sees the same records."""
     from profuser.chat import OverLength, encode_chat
 
-    def check(rec: dict) -> None:
+    problems = []
+    for name, chat_model, max_length in models:
         try:
-            enc = encode_chat(tokenizer, template, rec["messages"], rec["reference"], max_length, overlength)
+            enc = encode_chat(chat_model.tokenizer, chat_model.template, rec["messages"], rec["reference"], max_length,
+                              overlength)
         except OverLength as e:
-            counter["rejected"] += 1
-            raise Reject("over_length", f"{e} (data.overlength={overlength})") from None
+            counts[name]["rejected"] += 1
+            problems.append(("over_length", f"{name}: {e} (data.overlength={overlength})"))
         except Exception as e:  # noqa: BLE001 — a template that cannot render this record
-            counter["rejected"] += 1
-            raise Reject("template_error", f"{type(e).__name__}: {e}") from None
-        counter["truncated" if enc.truncated else "fits"] += 1
-
-    return check
+            counts[name]["rejected"] += 1
+            problems.append(("template_error", f"{name}: {type(e).__name__}: {e}"))
+        else:
+            counts[name]["truncated" if enc.truncated else "fits"] += 1
+    return problems

@@ -1,5 +1,6 @@
 """`profuser demo [--out DIR] [--seeds N]`: the whole system on a CPU, built like the situation
-fusion is for, every number measured by the run.
+fusion is for, every number measured by the run. It must never write outside --out, and never show a
+number that this run did not measure.
 
 Design (the premise, fixed before any result was seen): each source is a specialist that learned
 its skill from far more examples than the fusion set holds; the fusion set has a few correct ground
@@ -45,6 +46,7 @@ from pathlib import Path
 
 import yaml
 
+from profuser.constants import PREP_MODES
 from profuser.demo_data import SKILLS, SPACE, make_records
 from profuser.prep.dist import free_port, remove_shm_buffers
 
@@ -302,7 +304,7 @@ def assemble_results(design: dict, sources: dict[str, dict], targets: dict[tuple
     seeds, presets = design["seeds"], design["presets"]
     mean_share: dict = {}
     min_designed: dict = {}
-    for mode in ("training", "inference"):
+    for mode in PREP_MODES:
         for sk in SKILLS:
             for name in SPECIALISTS:
                 vals = [shares[s].get(mode, {}).get(sk, {}).get(name, 0.0) for s in seeds]
@@ -341,7 +343,7 @@ def format_table(res: dict) -> str:
                   "share in brackets; designed specialist marked *)"]
     head = f"{'mode':10} {'skill':11} " + " ".join(f"{s:>20}" for s in SPECIALISTS)
     lines += [head, "-" * len(head)]
-    for mode in ("training", "inference"):
+    for mode in PREP_MODES:
         for sk in SKILLS:
             per = shares.get(mode, {}).get(sk, {})
             cells = []

@@ -1,5 +1,6 @@
 """Synthetic skills for the CPU demo, and the short pre-training that makes each tiny source a
-specialist in one of them.
+specialist in one of them. The data come from seeded generators: this module never reads a file or
+the network, and imports torch only inside `pretrain`.
 
 Three skills, one per source family, each with a rule a scorer can check exactly:
 
@@ -75,7 +76,8 @@ def pretrain(model, tokenizer, template: str, rows: list[dict], steps: int, lr: 
     import torch
     from tqdm.auto import tqdm
 
-    from profuser.chat import IGNORE_INDEX, encode_chat
+    from profuser.chat import encode_chat
+    from profuser.constants import IGNORE_INDEX
 
     enc = [encode_chat(tokenizer, template, r["messages"][:-1], r["messages"][-1]["content"]) for r in rows]
     gen = torch.Generator().manual_seed(seed)

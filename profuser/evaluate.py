@@ -1,4 +1,5 @@
-"""`profuser eval CONFIG --model DIR`: judge a model by numbers on the held-out set.
+"""`profuser eval CONFIG --model DIR`: judge a model by numbers on the held-out set. It must never change
+a model, and never keep two models resident at once.
 
 For every held-out record (data.eval_path):
 - teacher-forced CE of the model on the ground-truth response (mean over all response tokens of the
@@ -34,7 +35,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from profuser.config import ConfigError, ModelConfig, RunConfig
+from profuser.config import ConfigError, ModelConfig, RunConfig, name_from_path
 
 log = logging.getLogger("profuser")
 
@@ -50,7 +51,7 @@ def resolve_model(cfg: RunConfig, model: str) -> ModelConfig:
         raise ConfigError(f"--model {model!r} is neither a path nor a model name of the config ({', '.join(names)})")
     # A trained target: the target's settings, with the trained weights and their saved tokenizer/template.
     t = cfg.target
-    return ModelConfig(path=str(p), name=p.name if p.name != "final" else f"{p.parent.name}", chat_template=None,
+    return ModelConfig(path=str(p), name=name_from_path(str(p if p.name != "final" else p.parent)), chat_template=None,
                        dtype=t.dtype, device=t.device, attn_implementation=t.attn_implementation,
                        trust_remote_code=t.trust_remote_code, allow_pickle=t.allow_pickle, max_length=t.max_length)
 
@@ -130,7 +131,7 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def response_ce(cm, records: list[dict], max_length: int, batch_size: int = 8) -> list[tuple[float, int]]:
+def response_ce(chat_model, records: list[dict], max_length: int, batch_size: int = 8) -> list[tuple[float, int]]:
     """(sum of token CE in nats, number of response tokens) per record, teacher-forced on the reference.
     Batches hold sequences of similar length; the model's device is used."""
     import torch
@@ -140,30 +141,30 @@ def response_ce(cm, records: list[dict], max_length: int, batch_size: int = 8) -
 
     seqs, n_resp = [], []
     for r in records:
-        enc = encode_chat(cm.tokenizer, cm.template, r["messages"], r["reference"], max_length, "truncate_left")
+        enc = encode_chat(chat_model.tokenizer, chat_model.template, r["messages"], r["reference"], max_length, "truncate_left")
         seqs.append(enc.input_ids)
         n_resp.append(len(enc.input_ids) - enc.prompt_len)
     order = sorted(range(len(seqs)), key=lambda j: (len(seqs[j]), j))
     out: list = [None] * len(seqs)
-    pad = cm.tokenizer.pad_token_id if cm.tokenizer.pad_token_id is not None else 0
+    pad = chat_model.tokenizer.pad_token_id if chat_model.tokenizer.pad_token_id is not None else 0
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         with torch.no_grad():
-            res = teacher_forward(cm.model, [seqs[j] for j in idx], [n_resp[j] for j in idx], k=1, pad_id=pad)
+            res = teacher_forward(chat_model.model, [seqs[j] for j in idx], [n_resp[j] for j in idx], k=1, pad_id=pad)
         for j, o in zip(idx, res):
             out[j] = (float(o.ce) * n_resp[j], n_resp[j])
     return out
 
 
-def generate_responses(cm, records: list[dict], cfg: RunConfig) -> list[str]:
+def generate_responses(chat_model, records: list[dict], cfg: RunConfig) -> list[str]:
     from profuser.config import GenerateConfig
     from profuser.prep.generate import HFGenerator, prompt_ids
 
     g = GenerateConfig(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, do_sample=False)
-    max_len = cm.spec.max_length or cfg.data.max_length
-    prompts = [prompt_ids(cm, r["messages"], max_len)[0] for r in records]
-    gens = HFGenerator(cm, g).generate(prompts, seed=cfg.seed)
-    return [cm.tokenizer.decode(x.token_ids, skip_special_tokens=True).strip() for x in gens]
+    max_len = chat_model.spec.max_length or cfg.data.max_length
+    prompts = [prompt_ids(chat_model, r["messages"], max_len)[0] for r in records]
+    gens = HFGenerator(chat_model, g).generate(prompts, seed=cfg.seed)
+    return [chat_model.tokenizer.decode(x.token_ids, skip_special_tokens=True).strip() for x in gens]
 
 
 def _cache_path(cfg: RunConfig, name: str) -> Path:
@@ -209,10 +210,10 @@ def evaluate_share(cfg: RunConfig, spec: ModelConfig, records: list[dict], loade
     source its response and scores. Lists are in the order of `records`."""
     from profuser.prep.score import build_scorer
 
-    cm = loader(spec)
-    ce = response_ce(cm, records, spec.max_length or cfg.data.max_length, cfg.eval.batch_size)
-    responses = generate_responses(cm, records, cfg)
-    cm = None
+    chat_model = loader(spec)
+    ce = response_ce(chat_model, records, spec.max_length or cfg.data.max_length, cfg.eval.batch_size)
+    responses = generate_responses(chat_model, records, cfg)
+    chat_model = None
     _free()
 
     ids = [r["id"] for r in records]
@@ -348,13 +349,13 @@ def run_lm_eval(cfg: RunConfig, spec: ModelConfig, loader: Optional[Callable] = 
     from profuser.models import load_chat_model
 
     e = cfg.eval
-    cm = (loader or (lambda s: load_chat_model(s)))(spec)
-    tok = cm.tokenizer
-    tok.chat_template = cm.template  # lm-eval renders chats with the tokenizer's template: make it the model's
+    chat_model = (loader or (lambda s: load_chat_model(s)))(spec)
+    tok = chat_model.tokenizer
+    tok.chat_template = chat_model.template  # lm-eval renders chats with the tokenizer's template: make it the model's
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     kw = {"max_length": spec.max_length} if spec.max_length else {}
-    lm = HFLM(pretrained=cm.model, tokenizer=tok, batch_size=e.batch_size, **kw)
+    lm = HFLM(pretrained=chat_model.model, tokenizer=tok, batch_size=e.batch_size, **kw)
     tm = None
     if e.lm_eval_include_path:  # indexing lm-eval's own registry takes half a minute: only when a task needs it
         tm = TaskManager(include_path=e.lm_eval_include_path, include_defaults=False)
@@ -366,8 +367,8 @@ def run_lm_eval(cfg: RunConfig, spec: ModelConfig, loader: Optional[Callable] = 
                                   limit=e.lm_eval_limit, log_samples=False, random_seed=cfg.seed,
                                   numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
                                   fewshot_random_seed=cfg.seed)
-    device, dtype = str(lm.device), str(cm.model.dtype)
-    cm = lm = None
+    device, dtype = str(lm.device), str(chat_model.model.dtype)
+    chat_model = lm = None
     _free()
     res = res or {}
     return {"results": res.get("results", {}), "n_samples": res.get("n-samples", {}),

@@ -6,6 +6,9 @@ logits, or :func:`fused_linear_fusion_loss` over the last hidden states and the 
 Teacher rows are LABEL-ALIGNED: ``topk_ids[b, t]`` is the teacher's distribution over the token at
 position t (it pairs with ``labels[b, t]``), so the loss scores ``logits[:, :-1]`` against
 ``labels[:, 1:]`` and teacher rows ``[:, 1:]``. ``topk_ids == -1`` marks an empty entry.
+
+Never builds a dense [B, T, V] teacher tensor, never averages per micro-batch (it returns sums;
+the trainer divides once per accumulated batch), never rounds logits to a half type before a softmax.
 """
 from __future__ import annotations
 
@@ -15,9 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-DIVERGENCES = ("forward_kl", "reverse_kl", "ce")
-TEACHER_REST = ("other", "renormalize")
+from profuser.constants import DIVERGENCES, IGNORE_INDEX, LOSS_CHUNK_SIZE, TEACHER_REST  # noqa: F401 (re-exported)
 _NEG = torch.finfo(torch.float32).min  # finite "log 0": keeps masked logsumexp and its grad NaN-free
 _LOG_P_MIN = math.log(1e-8)  # reverse_kl: an empty teacher "other" bucket counts as 1e-8 (KL(q||p) stays finite)
 
@@ -145,7 +146,7 @@ def fusion_loss(
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     fusellm_lambda: float | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = LOSS_CHUNK_SIZE,
     rest: str = "other",
     min_mass: float = 0.0,
 ) -> LossParts:
@@ -204,20 +205,13 @@ def fusion_loss(
 
 
 def _check_options(beta, divergence, temperature, fusellm_lambda, chunk_size, rest, min_mass) -> None:
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence={divergence!r} is not one of {DIVERGENCES}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
-        raise ValueError(f"beta={beta!r} must be a finite number >= 0")
-    if fusellm_lambda is not None and not (isinstance(fusellm_lambda, (int, float)) and 0 <= fusellm_lambda <= 1):
-        raise ValueError(f"fusellm_lambda={fusellm_lambda!r} must be None or in [0, 1]")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1")
-    if rest not in TEACHER_REST:
-        raise ValueError(f"rest={rest!r} is not one of {TEACHER_REST}")
-    if not (isinstance(min_mass, (int, float)) and 0 <= min_mass <= 1):
-        raise ValueError(f"min_mass={min_mass!r} must be a number in [0, 1]")
+    """The run config's rules for these options (``train.beta``, ``train.divergence``, ...; ``chunk_size``
+    is ``train.loss_chunk_size``, ``rest`` ``train.teacher_rest``, ``min_mass`` ``train.teacher_min_mass``),
+    so a direct caller gets the same check and message (a ConfigError, a ValueError) as a config."""
+    from profuser.config import TrainConfig, validate
+
+    validate(TrainConfig, dict(beta=beta, divergence=divergence, temperature=temperature, fusellm_lambda=fusellm_lambda,
+                               loss_chunk_size=chunk_size, teacher_rest=rest, teacher_min_mass=min_mass))
 
 
 def _check_teacher(labels, topk_ids, topk_logprobs) -> None:
@@ -319,7 +313,7 @@ def fused_linear_fusion_loss(
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     fusellm_lambda: float | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = LOSS_CHUNK_SIZE,
     rest: str = "other",
     min_mass: float = 0.0,
 ) -> LossParts:

@@ -291,7 +291,6 @@ def dequantize_gguf(spec: ModelConfig, root: str | Path) -> ModelConfig:
     fails. The dequantized weights (float32) and the tokenizer are written once, atomically, as a
     safetensors directory under `root` (keyed by the GGUF's content), which the returned spec
     loads like any local model. A spec that is not a GGUF comes back unchanged."""
-    import dataclasses
     import shutil
 
     import torch
@@ -318,13 +317,13 @@ def dequantize_gguf(spec: ModelConfig, root: str | Path) -> ModelConfig:
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
         del model
-    return dataclasses.replace(spec, path=str(out), tokenizer=None)
+    return spec.model_copy(update={"path": str(out), "tokenizer": None})
 
 
 def load_chat_model(spec: ModelConfig, device: Optional[str] = None) -> ChatModel:
-    cm = load_chat_tokenizer(spec)
-    cm.model, cm.attn_implementation = load_model(spec, device=device)
-    return cm
+    chat_model = load_chat_tokenizer(spec)
+    chat_model.model, chat_model.attn_implementation = load_model(spec, device=device)
+    return chat_model
 
 
 def smollm2_gguf() -> Optional[str]:

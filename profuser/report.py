@@ -10,6 +10,8 @@ the models evaluated in them side by side — every scorer's mean and the CE per
 per skill, as mean ± sample standard deviation over the runs that evaluated the model, drawn as
 bars with error bars — and the teacher share of each source per mode (and skill) from each run's
 training set, averaged over the runs.
+
+Reads run directories only: it never writes into a stage's or a training run's outputs.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-MODES = ("inference", "training")
+from profuser.constants import MODES
 
 
 def read_metrics(path: Path) -> list[dict]:

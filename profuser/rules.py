@@ -1,5 +1,8 @@
 """Built-in rule scorers: plain functions `(record, response) -> float`, referenced from a config as
-`scorers: [{type: rule, function: "profuser.rules:exact_match"}]`. Higher is better."""
+`scorers: [{type: rule, function: "profuser.rules:exact_match"}]`. Higher is better.
+
+Pure functions of strings: they must never load a model or import torch (prep and eval call them
+once per response)."""
 from __future__ import annotations
 
 import re

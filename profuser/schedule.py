@@ -4,6 +4,9 @@
 
 ``step`` is the 0-based optimizer step, ``total_steps`` the number of optimizer steps in the run.
 A mode whose weight is 0 at a step needs no forward pass.
+
+Holds no state: nothing here may depend on anything but its arguments. It never imports torch or
+numpy (the config imports it to check presets).
 """
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from typing import Iterable, Sequence
 
 PRESETS = ("profuser", "ramp", "simul", "reverse", "fusellm", "inference_only", "sft", "custom")
 RAMP_SHAPES = ("linear", "cosine")
-MODES = ("inference", "training")
 _CONSTANT = {"simul": (1.0, 1.0), "fusellm": (0.0, 1.0), "inference_only": (1.0, 0.0), "sft": (0.0, 1.0)}
 
 

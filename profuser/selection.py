@@ -1,4 +1,5 @@
-"""Which source teaches a sample in training mode: MinCE, as pure functions.
+"""Which source teaches a sample in training mode: MinCE, as pure functions of the teacher rows' numbers.
+It must never import torch or numpy, or read a file.
 
 Every source is teacher-forced on the same ground truth; the one that finds it most likely teaches.
 How "most likely" is measured decides whether the comparison is fair across tokenizers:

@@ -3,7 +3,8 @@
 Used by the tests, by examples/tiny.yaml and by the demo. Each tokenizer is trained with the
 `tokenizers` library on an in-repo corpus; each model is a random-init config of a different
 architecture saved with `save_pretrained`, so everything downstream goes through the real
-`from_pretrained` path.
+`from_pretrained` path. It must never download anything: every tokenizer and model is built from
+the repository's own files.
 
     python -m profuser.tiny .tiny          # models in .tiny/models, data in .tiny/data
 

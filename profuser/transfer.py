@@ -1,4 +1,6 @@
-"""Source top-k rows -> a teacher distribution at every target response position (DESIGN §3).
+"""Source top-k rows -> a teacher distribution at every target response position
+(docs/ARCHITECTURE.md, "Cross-tokenizer transfer"). Pure numpy on top-k rows: it never imports
+torch, and a position's distribution never grows past k entries (no [T, V] array).
 
 The rule, for target token t_j covering response bytes [a, b) (spans from profuser.align, relative
 to where the response starts in each chat rendering; a target token that begins in the template

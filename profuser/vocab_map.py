@@ -1,4 +1,5 @@
-"""Source -> target vocabulary mapping and top-k re-expression (DESIGN §3.2, §3.3).
+"""Source -> target vocabulary mapping and top-k re-expression (docs/ARCHITECTURE.md, "Cross-tokenizer
+transfer").
 
 A source id maps to the target id with the same surface bytes (profuser.align.token_surface:
 byte-level decoded, `▁` -> space, `<0xNN>` -> the byte), so `ĠcafÃ©` and `▁café` meet as b" café".
@@ -129,8 +130,10 @@ def _soft_fill(out: np.ndarray, s: Surfaces, t: Surfaces, max_ratio: float, budg
     """Fill -1 entries of `out` (non-special sources) with the nearest target by edit distance.
 
     Candidates share the leading-space flag and first byte after it (a space-prefixed word never
-    maps to a bare piece) and have a length within -2..+8 of the chunk's shortest source; chunks are
-    sized so the distance tensor stays near `budget` cells."""
+    maps to a bare piece) and have a length within -2..+8 of the chunk's shortest source. Distances
+    come from rapidfuzz (align.edit_distance_matrix); the chunks keep the sizes of the former numpy
+    version (`budget` cells of a [sources, candidates, length] tensor) because they set the
+    candidates' length window, so the tables stay the same (MAP_VERSION)."""
     todo = [i for i in np.flatnonzero(out < 0) if not s.special[i] and s.surfaces[i]]
     index = _target_index(t)
 

@@ -123,7 +123,8 @@ def fine_tune(src: Path, dst: Path, records: list[dict], steps: int = 150, lr: f
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from profuser.chat import IGNORE_INDEX, encode_chat, resolve_template
+    from profuser.chat import encode_chat, resolve_template
+    from profuser.constants import IGNORE_INDEX
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(src)

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from profuser.align import (
-    align_mined, align_response, align_spans, align_text, dtw_path, edit_distance_matrix, same_tokenizer,
-    surfaces, token_spans, token_surface,
+    align_mined, align_response, align_spans, align_text, byte_decoder, dtw_path, edit_distance_matrix,
+    same_tokenizer, surfaces, token_spans, token_surface,
 )
 from profuser.chat import BUILTIN_TEMPLATES, encode_chat, end_of_turn_id, split_response
 from profuser.tiny import build_tokenizer
@@ -374,6 +374,35 @@ def test_dtw_path_matches_fusellm_dtw(n, m, seed):
 def test_edit_distance_matrix_hand_values():
     d = edit_distance_matrix([b"kitten", b"", b"abc"], [b"sitting", b"abc", b""])
     assert d.tolist() == [[3, 6, 6], [7, 3, 0], [7, 0, 3]]
+
+
+def _levenshtein_reference(a: bytes, b: bytes) -> int:
+    """The textbook dynamic program, one row at a time."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+_BYTE_STRINGS = st.lists(st.binary(max_size=9).map(lambda b: bytes(c % 5 + 250 * (c % 7 == 0) for c in b)),
+                         max_size=8)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(_BYTE_STRINGS, _BYTE_STRINGS)
+def test_edit_distance_matrix_matches_the_dynamic_program(a, b):
+    """rapidfuzz's cdist on byte strings (a small alphabet so strings overlap; bytes >= 0x80 included)."""
+    d = edit_distance_matrix(a, b)
+    assert d.dtype == np.int64 and d.shape == (len(a), len(b))
+    assert d.tolist() == [[_levenshtein_reference(x, y) for y in b] for x in a]
+
+
+def test_byte_decoder_inverts_gpt2_bytes_to_unicode():
+    dec = byte_decoder()
+    assert sorted(dec.values()) == list(range(256))
+    assert dec["Ġ"] == ord(" ") and dec["Ċ"] == ord("\n") and dec["!"] == ord("!") and dec["Ã"] == 0xC3
 
 
 @settings(max_examples=50, deadline=None, database=None)

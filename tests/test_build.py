@@ -26,13 +26,13 @@ from conftest import tiny_config_dict
 from prep_fixtures import manifest, rejects, rows_by_key, wandb_history, wandb_table
 from profuser.chat import split_response
 from profuser.config import ModelConfig, parse_config
+from profuser.constants import PREP_MODES
 from profuser.models import load_chat_tokenizer
 from profuser.prep.read import part_table
 from profuser.prep.run import run_prep
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("chatml_bpe", "vicuna_spm", "gemma_unigram")
-MODES = ("training", "inference")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_build_rows_decode_to_the_target_chat_rendering_in_both_modes(prepped, t
     for row in rows:
         rec = records[row["id"]]
         assert json.loads(row["meta"]) == json.loads(rec["meta"])
-        for m in MODES:
+        for m in PREP_MODES:
             teacher, response, score = expected[(m, row["id"])]
             ids, labels = row[f"{m}_input_ids"], row[f"{m}_labels"]
             prompt, resp = split_response(tok, target.template, rec["messages"], response)
@@ -125,7 +125,7 @@ def test_build_rows_decode_to_the_target_chat_rendering_in_both_modes(prepped, t
 def test_copy_path_for_the_identical_tokenizer(prepped):
     """chatml_bpe -> target: every response position carries the teacher's row, ids unchanged."""
     n = 0
-    for m in MODES:
+    for m in PREP_MODES:
         teach = rows_by_key(prepped, "teacher", f"{m}/chatml_bpe")
         for a in part_table(prepped, "align", m).to_pylist():
             if a["source"] != "chatml_bpe":
@@ -159,9 +159,9 @@ def test_every_text_position_gets_a_teacher_across_tokenizers(tiny_suite, tiny_m
     for src in SOURCES:
         pair = make_pair(cfg, tmp_path, cfg.model(src), tgt)
         text_share, one_share = [], []
-        for m in MODES:
+        for m in PREP_MODES:
             rows = TeacherRows(part_table(prepped, "teacher", f"{m}/{src}"), 5)
-            for rid, j in rows.at.items():
+            for rid, j in rows.row_of.items():
                 row = rows.row(j)
                 out = align_sample(pair, tgt, "truncate_left", records[rid]["messages"], row["response"],
                                    np.array(row["token_ids"]), row["token_logprobs"], row["topk_ids"], row["topk_logprobs"])
@@ -184,30 +184,30 @@ def test_every_text_position_gets_a_teacher_across_tokenizers(tiny_suite, tiny_m
 
 def test_alignment_statistics_in_the_manifest_and_wandb(prepped, base_dict):
     man = manifest(prepped, "align")
-    assert man["status"] == "complete" and set(man["parts"]) == set(MODES)
+    assert man["status"] == "complete" and set(man["parts"]) == set(PREP_MODES)
     assert man["mince"] == "byte"
     n = 24
-    for m in MODES:
+    for m in PREP_MODES:
         c = man["parts"][m]["counts"]
         assert c["in"] == n and c["out"] + c["rejected"] == c["in"]
         sel = man["selection"][m]
         assert sum(v["taught"] for v in sel.values()) == c["out"] and sum(v["first"] for v in sel.values()) == n
     pairs = man["pairs"]
     assert set(pairs) == {f"{s}->target" for s in SOURCES}
-    rows = {m: part_table(prepped, "align", m).to_pylist() for m in MODES}
+    rows = {m: part_table(prepped, "align", m).to_pylist() for m in PREP_MODES}
     for s in ("vicuna_spm", "gemma_unigram"):
         p = pairs[f"{s}->target"]
         assert not p["same_tokenizer"] and p["vocab_mapping"] == "prefix" and 0 < p["mapped_share"] <= 1
         a = p["all"]
-        mine = [r for m in MODES for r in rows[m] if r["source"] == s]
-        assert a["rows"] == len(mine)
-        if not mine:
+        taught = [r for m in PREP_MODES for r in rows[m] if r["source"] == s]
+        assert a["rows"] == len(taught)
+        if not taught:
             continue
         assert a["aligned"] <= a["transferred"] <= a["response_positions"]
         assert a["text_share"] > 0.99 and 0 < a["kept_mass"] <= 1 and 0 < a["mass"] <= 1
-        assert a["response_positions"] == sum(r["n_response"] for r in mine)
-        assert a["transferred"] == sum(r["n_transferred"] for r in mine)
-        assert abs(a["kept_mass"] - sum(r["kept_mass"] * r["n_transferred"] for r in mine) / a["transferred"]) < 1e-9
+        assert a["response_positions"] == sum(r["n_response"] for r in taught)
+        assert a["transferred"] == sum(r["n_transferred"] for r in taught)
+        assert abs(a["kept_mass"] - sum(r["kept_mass"] * r["n_transferred"] for r in taught) / a["transferred"]) < 1e-9
     # the vocabulary tables of the three pairs are cached, keyed by both tokenizers and the mode
     from profuser.chat import end_of_turn_id
     from profuser.vocab_map import cache_dir, vocab_map_key
@@ -298,7 +298,7 @@ def test_unusable_teacher_rows_fall_back_or_are_rejected_and_the_set_still_loads
 
     run = tmp_path / "run"
     shutil.copytree(prepped, run, ignore=shutil.ignore_patterns("wandb", "align", "build"))
-    spoiled = [(m, s, i) for m in MODES for s in SOURCES for i in (1, 2)
+    spoiled = [(m, s, i) for m in PREP_MODES for s in SOURCES for i in (1, 2)
                if not (m == "training" and s == "gemma_unigram" and i == 1)]
     for m, s, i in spoiled:
         path = run / "prep/teacher" / m / s / f"shard-{i:05d}.parquet"
@@ -358,7 +358,8 @@ def test_unusable_teacher_rows_fall_back_or_are_rejected_and_the_set_still_loads
 
 def test_align_sample_rejects_what_it_cannot_use(prepped, tiny_suite, target, tmp_path):
     from profuser.chat import end_of_turn_id
-    from profuser.prep.align_stage import Reject, Target, TeacherRows, align_sample, make_pair
+    from profuser.data import Reject
+    from profuser.prep.align_stage import Target, TeacherRows, align_sample, make_pair
 
     cfg = parse_config(tiny_config_dict(tiny_suite, prepped))
     eot = end_of_turn_id(target.tokenizer, target.template)
@@ -386,7 +387,7 @@ def test_align_sample_rejects_what_it_cannot_use(prepped, tiny_suite, target, tm
     for tgt, resp, a, kind in cases:
         with pytest.raises(Reject) as e:
             align_sample(pair, tgt, "truncate_left", msgs, resp, *a)
-        assert e.value.kind == kind, (kind, e.value.reason)
+        assert e.value.kind == kind, (kind, e.value.detail)
 
 
 @pytest.mark.slow
@@ -426,7 +427,7 @@ def test_real_target_tokenizer_smollm2(tiny_suite, smollm2_path, tmp_path):
     rows = _build_rows(run)
     assert len(rows) == 8
     for row in rows:
-        for m in MODES:
+        for m in PREP_MODES:
             _, response, _ = expected[(m, row["id"])]
             prompt, resp = split_response(tgt.tokenizer, tgt.template, records[row["id"]]["messages"], response)
             ids = row[f"{m}_input_ids"]

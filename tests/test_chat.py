@@ -1,9 +1,10 @@
 """Chat formatting: exact prompt/response boundary for every fixture template and SmolLM2's own."""
 import pytest
 
-from profuser.chat import (BUILTIN_TEMPLATES, IGNORE_INDEX, ChatTemplateError, OverLength, encode_chat,
-                           end_of_turn_id, render, resolve_template)
+from profuser.chat import (BUILTIN_TEMPLATES, ChatTemplateError, OverLength, encode_chat, end_of_turn_id, render,
+                           resolve_template)
 from profuser.config import ModelConfig
+from profuser.constants import IGNORE_INDEX
 from profuser.models import load_chat_tokenizer
 
 CONVERSATIONS = [
@@ -94,3 +95,33 @@ def test_overlength_truncates_prompt_from_left_or_rejects(tiny_models):
         encode_chat(cm.tokenizer, cm.template, messages, response, max_length=40, overlength="reject")
     with pytest.raises(OverLength, match="response alone"):
         encode_chat(cm.tokenizer, cm.template, messages, "long " * 100, max_length=40)
+
+
+def _text_tokens_per_token(enc, response, special_ids=()):
+    """The per-token rule text_tokens vectorizes (its former list comprehension)."""
+    c = enc.text.find(response, enc.boundary) if response and enc.offsets is not None else -1
+    if c < 0:
+        return [t not in set(special_ids) for t in enc.input_ids[enc.prompt_len:]]
+    return [s < c + len(response) and e > c for s, e in enc.offsets[enc.prompt_len:]]
+
+
+def test_text_tokens_equals_the_per_token_rule():
+    import random
+
+    from profuser.chat import Encoded
+
+    rng = random.Random(0)
+    for trial in range(300):
+        prompt = "p" * rng.randint(0, 6)
+        response = "".join(rng.choice("ab ") for _ in range(rng.randint(0, 8)))
+        text = prompt + ("" if trial % 7 == 0 else response) + "<e>\n" * rng.randint(0, 2)
+        cuts = sorted(rng.sample(range(1, len(text)), min(rng.randint(0, 6), len(text) - 1))) if len(text) > 1 else []
+        bounds = [0, *cuts, len(text)] if text else []
+        offsets = [(bounds[i] - rng.randint(0, 1) * (i > 0), bounds[i + 1]) for i in range(len(bounds) - 1)]
+        ids = [rng.randint(0, 9) for _ in offsets]
+        n_prompt = rng.randint(0, len(ids))
+        special = rng.sample(range(10), rng.randint(0, 3))
+        enc = Encoded(ids, [-100] * n_prompt + ids[n_prompt:], n_prompt, text,
+                      offsets=None if trial % 5 == 0 else offsets, boundary=len(prompt))
+        got = enc.text_tokens(response, special)
+        assert got.dtype == bool and got.tolist() == _text_tokens_per_token(enc, response, special), trial

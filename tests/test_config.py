@@ -1,11 +1,11 @@
 """Run config: parsing, validation messages, overrides, the resolved config file."""
-import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from profuser.config import (ConfigError, RunConfig, WandbConfig, apply_override, load_config, parse_config,
+from profuser.config import (ConfigError, RunConfig, TrainConfig, WandbConfig, apply_override, load_config, parse_config,
                              reference_markdown, save_resolved, wandb_mode)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_override_changes_resolved_config_and_is_written(tiny_config, tmp_path):
     written = yaml.safe_load(out.read_text())
     assert written["train"]["learning_rate"] == 2e-5 and written["sources"][2]["chat_template"] == "gemma"
     # The written file is itself a valid config that resolves to the same thing.
-    assert dataclasses.asdict(parse_config(written)) == dataclasses.asdict(cfg)
+    assert parse_config(written).to_dict() == cfg.to_dict()
 
 
 def test_override_syntax_errors():
@@ -167,3 +167,57 @@ def test_wandb_mode_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")  # the environment wins over a key
     assert wandb_mode(WandbConfig()) == "offline"
     assert wandb_mode(WandbConfig(enabled=False)) == "disabled"
+
+
+def test_choices_are_the_loss_functions_own():
+    """The config's divergence and teacher_rest choices are exactly what the loss implements."""
+    from profuser.losses import DIVERGENCES, TEACHER_REST
+
+    fields = TrainConfig.model_fields
+    assert typing.get_args(fields["divergence"].annotation) == DIVERGENCES
+    assert typing.get_args(fields["teacher_rest"].annotation) == TEACHER_REST
+
+
+def test_every_train_key_reaches_the_training_arguments(tiny_config, tmp_path):
+    """No field-by-field copy: each train key goes to TrainingArguments by name, becomes a
+    FusionTrainingArguments field, or is one of the few translated ones."""
+    from profuser.train.args import FUSION_FIELDS, PASSED_BY_NAME, TRANSLATED, training_arguments
+
+    assert sorted(FUSION_FIELDS + PASSED_BY_NAME + TRANSLATED) == sorted(TrainConfig.model_fields)
+    cfg = parse_config(tiny_config, ["train.beta=0.3", "train.teacher_min_mass=0.2", "train.schedule=custom",
+                                     "train.custom_weights=[[0, 1, 0], [0.5, 0.2, 1]]", "train.weight_decay=0.01",
+                                     "train.warmup_ratio=0.1", "train.group_by_length=true"])
+    args = training_arguments(cfg, tmp_path / "out", report_to=[])
+    for key in FUSION_FIELDS + PASSED_BY_NAME:
+        assert getattr(args, key) == getattr(cfg.train, key), key
+    assert args.custom_weights == [[0.0, 1.0, 0.0], [0.5, 0.2, 1.0]]
+    assert args.warmup_steps == 0.1 and args.train_sampling_strategy == "group_by_length"
+    assert args.output_dir == str(tmp_path / "out") and args.remove_unused_columns is False
+
+
+@pytest.mark.parametrize("ds_config, optim, refused", [
+    ("zero3_offload.json", "adamw_torch", False),  # its AdamW block, filled from train, is the same optimizer
+    ("zero3_offload.json", "adamw_torch_fused", False),
+    ("zero3_offload.json", "adafactor", True),  # would be silently replaced by the block's AdamW
+    ("zero3.json", "adafactor", False),  # no optimizer block: the Trainer's optimizer applies
+    ("zero2.json", "sgd", False),
+])
+def test_deepspeed_optimizer_block_never_silently_replaces_train_optim(tiny_config, ds_config, optim, refused):
+    from profuser.check import deepspeed_problems
+
+    path = f"deepspeed_configs/{ds_config}"
+    problems = deepspeed_problems(parse_config(tiny_config, [f"train.deepspeed={REPO / path}", f"train.optim={optim}"]))
+    assert bool(problems) == refused, problems
+    if refused:
+        (msg,) = problems
+        assert msg.startswith(f"train.optim: {optim!r} would be ignored") and ds_config in msg
+        assert "train.optim=adamw_torch" in msg and "deepspeed_configs/zero3.json" in msg
+
+
+def test_yaml_exponent_without_dot_is_a_float(tiny_config, tmp_path):
+    """YAML 1.1 reads `2e-5` as a string; the config reads it as the number it means."""
+    del tiny_config["train"]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config) + "train:\n  learning_rate: 2e-5\n  beta: 1E1\n")
+    train = load_config(path, check_paths=False).train
+    assert train.learning_rate == 2e-5 and train.beta == 10.0

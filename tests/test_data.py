@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from profuser.data import content_id, make_length_check, normalize
+from profuser.data import content_id, length_problems, normalize
 
 GOOD_MSG = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 
@@ -82,35 +82,49 @@ def test_malformed_rows_each_rejected_with_reason(tmp_path, tiny_models):
     from profuser.config import ModelConfig
     from profuser.models import load_chat_tokenizer
 
-    cm = load_chat_tokenizer(ModelConfig(path=str(tiny_models["target"])))
-    counter = Counter()
-    check = make_length_check(cm.tokenizer, cm.template, 128, "reject", counter)
-    rows = [r for r, _ in MALFORMED]
-    res = normalize(_jsonl(tmp_path, rows), length_check=check)
+    chat_model = load_chat_tokenizer(ModelConfig(path=str(tiny_models["target"])))
+    res = normalize(_jsonl(tmp_path, [r for r, _ in MALFORMED]))
     by_row = {r["row"]: r for r in res.rejects}
     for line, (_, kind) in enumerate(MALFORMED, 1):
-        if kind is None:
+        if kind in (None, "over_length"):  # parsed fine; the length is checked per model
             assert line not in by_row
         else:
             assert by_row[line]["kind"] == kind, (line, by_row.get(line))
             assert by_row[line]["reason"].startswith(kind + ":") and len(by_row[line]["reason"]) > len(kind) + 3
     assert res.counts["accepted"] + res.counts["rejected"] == res.n_rows == len(MALFORMED)
     assert len({k for _, k in MALFORMED if k}) >= 8
-    assert counter == Counter({"fits": 1, "rejected": 1})
     assert by_row[1]["row"] == 1 and by_row[10]["row"] == 10  # line numbers, not indices into survivors
+    counts = {"target": Counter()}
+    problems = [length_problems(rec, [("target", chat_model, 128)], "reject", counts) for rec in res.records]
+    assert [p[0][0] for p in problems if p] == ["over_length"]
+    assert counts["target"] == Counter({"fits": 1, "rejected": 1})
 
 
 def test_truncate_policy_counts_instead_of_rejecting(tmp_path, tiny_models):
     from profuser.config import ModelConfig
     from profuser.models import load_chat_tokenizer
 
-    cm = load_chat_tokenizer(ModelConfig(path=str(tiny_models["target"])))
-    counter = Counter()
-    check = make_length_check(cm.tokenizer, cm.template, 64, "truncate_left", counter)
+    chat_model = load_chat_tokenizer(ModelConfig(path=str(tiny_models["target"])))
     res = normalize(_jsonl(tmp_path, [{"instruction": "long " * 200, "output": "x"}, GOOD_MSG,
-                                      {"instruction": "q", "output": "word " * 200}]), length_check=check)
-    assert res.counts["accepted"] == 2 and counter["truncated"] == 1 and counter["fits"] == 1
-    assert res.rejects[0]["kind"] == "over_length" and "response alone" in res.rejects[0]["reason"]
+                                      {"instruction": "q", "output": "word " * 200}]))
+    counts = {"target": Counter()}
+    problems = [length_problems(rec, [("target", chat_model, 64)], "truncate_left", counts) for rec in res.records]
+    assert [bool(p) for p in problems] == [False, False, True]
+    assert counts["target"] == Counter({"truncated": 1, "fits": 1, "rejected": 1})
+    assert problems[2][0][0] == "over_length" and "response alone" in problems[2][0][1]
+
+
+def test_a_record_one_model_rejects_is_rejected_for_all(tmp_path, tiny_models):
+    """What the normalize stage keeps and the preflight counts: a record goes on only if every model takes it."""
+    from profuser.config import ModelConfig
+    from profuser.models import load_chat_tokenizer
+
+    chat_model = load_chat_tokenizer(ModelConfig(path=str(tiny_models["target"])))
+    rec = normalize(_jsonl(tmp_path, [{"instruction": "word " * 40, "output": "x"}])).records[0]
+    counts = {"roomy": Counter(), "tight": Counter()}
+    problems = length_problems(rec, [("roomy", chat_model, 512), ("tight", chat_model, 16)], "reject", counts)
+    assert [(kind, why.split(":")[0]) for kind, why in problems] == [("over_length", "tight")]
+    assert counts == {"roomy": Counter({"fits": 1}), "tight": Counter({"rejected": 1})}
 
 
 def test_limit_and_unreadable_files(tmp_path):

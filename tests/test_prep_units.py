@@ -13,7 +13,8 @@ from profuser.config import ScorerConfig
 from profuser.prep.score import RuleScorer, pick_winner, score_safely
 from profuser.prep.shards import StageDir, diff_deps, stable_hash
 from profuser.prep.stages import owner
-from profuser.prep.teacher import SCHEMA, rows_to_table, teacher_forward, topk_from_logits
+from profuser.prep.formats import TEACHER_SCHEMA, teacher_table
+from profuser.prep.teacher import teacher_forward, topk_from_logits
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,12 +122,12 @@ def test_teacher_table_round_trips_through_parquet_and_datasets(tmp_path):
     import datasets
 
     rows = _fake_rows(7, 4)
-    table = rows_to_table(rows, 4)
-    assert table.schema.equals(SCHEMA)
+    table = teacher_table(rows)
+    assert table.schema.equals(TEACHER_SCHEMA)
     sd = StageDir(tmp_path, "teacher")
     sd.commit("training/s", 0, table, {"in": 7})
-    sd.commit("training/s", 1, rows_to_table([], 4), {"in": 0})  # an empty shard keeps the schema
-    assert sd.read("training/s", 1).schema.equals(SCHEMA)
+    sd.commit("training/s", 1, teacher_table([]), {"in": 0})  # an empty shard keeps the schema
+    assert sd.read("training/s", 1).schema.equals(TEACHER_SCHEMA)
     ds = datasets.Dataset.from_parquet(str(sd.shard_path("training/s", 0)), cache_dir=str(tmp_path / "cache"))
     for r, back in zip(rows, ds):
         assert np.array_equal(np.array(back["topk_ids"]), r["topk_ids"])

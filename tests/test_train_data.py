@@ -118,14 +118,19 @@ def test_placeholder_has_no_targets():
 
 def test_length_grouped_sampler_is_seeded_and_groups_lengths():
     lengths = [5, 50, 7, 48, 9, 46, 11, 44] * 4
-    s = LengthGroupedSampler(lengths, batch_size=2, seed=3, mega_batch_mult=4)
+    s = LengthGroupedSampler(lengths, batch_size=2, seed=3)  # groups of 4 batches (32 // (2 * 4))
     first = list(s)
     assert sorted(first) == list(range(len(lengths))) and list(s) == first  # a permutation, reproducible
     s.set_epoch(1)
-    assert list(s) != first
+    second = list(s)
+    assert second != first
     s.set_epoch(0)
     assert list(s) == first
+    resumed = LengthGroupedSampler(lengths, batch_size=2, seed=3)  # a new process resuming in epoch 1
+    resumed.set_epoch(1)
+    assert list(resumed) == second
+    assert list(LengthGroupedSampler(lengths, batch_size=2, seed=4)) != first
     groups = [first[i:i + 8] for i in range(0, len(first), 8)]
-    for g in groups:
-        assert [lengths[j] for j in g] == sorted((lengths[j] for j in g), reverse=True)
-    assert lengths[first[0]] == max(lengths)  # the longest group first
+    for g in groups:  # sorted by length after the head (the longest sample was swapped to the front)
+        assert [lengths[j] for j in g[1:]] == sorted((lengths[j] for j in g[1:]), reverse=True)
+    assert lengths[first[0]] == max(lengths)  # the longest sample first

@@ -20,13 +20,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import yaml
 
+from profuser.constants import MODES
+
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("inference", "training")
 
 
 def second_teacher(root: Path) -> Path:
@@ -39,61 +39,23 @@ def second_teacher(root: Path) -> Path:
     return out
 
 
-def _list2d(mats: list, value_type: pa.DataType) -> pa.Array:
-    """list<list<value_type>> from [T, k] numpy arrays (None = null)."""
-    offsets, inner, flats, nulls = [0], [0], [], []
-    for m in mats:
-        nulls.append(m is None)
-        if m is None:
-            offsets.append(offsets[-1])
-            continue
-        T, k = m.shape
-        base = inner[-1]
-        inner.extend(base + k * (t + 1) for t in range(T))
-        offsets.append(offsets[-1] + T)
-        flats.append(m.reshape(-1))
-    values = pa.array(np.concatenate(flats) if flats else np.zeros(0), type=value_type)
-    rows = pa.ListArray.from_arrays(pa.array(inner, pa.int32()), values)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), rows, mask=pa.array(nulls))
-
-
-def schema() -> pa.Schema:
-    fields = [pa.field("id", pa.string()), pa.field("meta", pa.string())]
-    for m in MODES:
-        fields += [
-            pa.field(f"{m}_input_ids", pa.list_(pa.int32())), pa.field(f"{m}_labels", pa.list_(pa.int32())),
-            pa.field(f"{m}_teacher", pa.string()), pa.field(f"{m}_teacher_score", pa.float64()),
-            pa.field(f"{m}_topk_ids", pa.list_(pa.list_(pa.int32()))),
-            pa.field(f"{m}_topk_logprobs", pa.list_(pa.list_(pa.float16()))),
-        ]
-    return pa.schema(fields)
-
-
 def write_shards(rows: list[dict], out_dir: Path, n_shards: int = 2) -> list[Path]:
-    """Write rows (sorted by id) as Parquet shards; mode fields missing from a row are null."""
+    """Write rows (sorted by id) as Parquet shards of the build stage's format; mode fields missing
+    from a row are null."""
+    from profuser.prep.formats import BUILD_FIELDS, BUILD_SCHEMA, to_table
+
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: r["id"])
-    sch = schema()
     paths = []
     per = -(-len(rows) // n_shards)
     for s in range(n_shards):
         part = rows[s * per:(s + 1) * per]
         if not part:
             continue
-        cols = {"id": pa.array([r["id"] for r in part], pa.string()),
-                "meta": pa.array([json.dumps(r.get("meta", {})) for r in part], pa.string())}
-        for m in MODES:
-            get = lambda r, f: (r.get(m) or {}).get(f)  # noqa: E731
-            cols[f"{m}_input_ids"] = pa.array([get(r, "input_ids") for r in part], pa.list_(pa.int32()))
-            cols[f"{m}_labels"] = pa.array([get(r, "labels") for r in part], pa.list_(pa.int32()))
-            cols[f"{m}_teacher"] = pa.array([get(r, "teacher") for r in part], pa.string())
-            cols[f"{m}_teacher_score"] = pa.array([get(r, "teacher_score") for r in part], pa.float64())
-            cols[f"{m}_topk_ids"] = _list2d([get(r, "topk_ids") for r in part], pa.int32())
-            cols[f"{m}_topk_logprobs"] = _list2d(
-                [None if get(r, "topk_logprobs") is None else get(r, "topk_logprobs").astype(np.float16)
-                 for r in part], pa.float16())
+        flat = [{"id": r["id"], "meta": json.dumps(r.get("meta", {})),
+                 **{f"{m}_{f}": (r.get(m) or {}).get(f) for m in MODES for f in BUILD_FIELDS}} for r in part]
         path = out_dir / f"shard-{s:05d}.parquet"
-        pq.write_table(pa.table(cols, schema=sch), path)
+        pq.write_table(to_table(flat, BUILD_SCHEMA), path)
         paths.append(path)
     return paths
 

@@ -5,7 +5,8 @@
 
 Outputs live in RUN_DIR/prep/<stage>/ (layout in `profuser.prep.shards`); `profuser.prep.read`
 returns them as `datasets.Dataset`s memory-mapped from the shards. This module stays import-light
-(the CLI reads STAGE_NAMES); everything else is imported from its submodule.
+(the CLI reads STAGE_NAMES); everything else is imported from its submodule. It must never import
+torch, pyarrow or a stage module at import time.
 """
 from __future__ import annotations
 

@@ -35,6 +35,9 @@ Rows (docs/ARCHITECTURE.md, "Stage contracts") cover the WHOLE target sequence, 
 
 The manifest's `pairs` holds the statistics per source -> target pair and mode, `selection` the
 first-choice and actual teacher counts; both also go to W&B, and prep/stats.json is written here.
+
+Never renormalizes a teacher's probabilities, and never passes on a row whose re-tokenized
+response differs from the tokens the teacher stored (a reject line says why).
 """
 from __future__ import annotations
 
@@ -44,77 +47,15 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from profuser.prep.stages import Context, Progress, Stage, model_deps, read_records, sidecar_info, up
+from profuser.constants import PREP_MODES
+from profuser.data import Reject
+from profuser.prep.formats import ALIGN_SCHEMA, to_table, unnest
+from profuser.prep.stages import Context, Progress, Stage, model_deps, read_records, sidecar_info, upstream_hashes
 
 ALIGN_VERSION = 3  # bump when the alignment rules change (invalidates align and build)
-MODES = ("training", "inference")
-SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("mode", pa.string()),
-    pa.field("source", pa.string()),  # the teacher
-    pa.field("rank", pa.int32()),  # the teacher's place in the ranking (0 = first choice)
-    pa.field("teacher_score", pa.float64()),  # training: MinCE value; inference: votes
-    pa.field("ce", pa.float64()),  # the teacher's nats per own token on this mode's response
-    pa.field("bpb", pa.float64()),  # the teacher's bits per byte of the response text
-    pa.field("votes", pa.float64()),  # inference only
-    pa.field("mean_z", pa.float64()),  # inference only
-    pa.field("method", pa.string()),  # "copy" | "project" | "mined"
-    pa.field("input_ids", pa.list_(pa.int32())),  # [T] target tokens, prompt + response
-    pa.field("labels", pa.list_(pa.int32())),  # [T] -100 on the prompt
-    pa.field("topk_ids", pa.list_(pa.list_(pa.int32()))),  # [T, k] target ids, -1 = none
-    pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16()))),  # [T, k] -inf where id is -1
-    pa.field("n_response", pa.int32()),
-    pa.field("n_aligned", pa.int32()),
-    pa.field("n_transferred", pa.int32()),
-    pa.field("kept_mass", pa.float64()),  # mean over transferred positions; null when none
-    pa.field("mass", pa.float64()),  # mean stored probability mass over transferred positions
-])
 STAT_KEYS = ("rows", "fallback_rows", "response_positions", "text_positions", "text_transferred", "aligned",
              "transferred", "kept_mass_sum", "mass_sum", "copy_rows")
-
-
-class Reject(Exception):
-    """A teacher row that cannot be used; `target_side`: the cause is the target's (its template,
-    length or tokens), so no other source could do better."""
-
-    def __init__(self, kind: str, reason: str, target_side: bool = False):
-        super().__init__(reason)
-        self.kind, self.reason, self.target_side = kind, reason, target_side
-
-
-# --------------------------------------------------------------------------------------------
-# Arrow <-> numpy for the nested [R, k] columns
-
-
-def nested(arrays: list[np.ndarray], dtype: pa.DataType) -> pa.Array:
-    """[R_i, k] (or [R_i]) numpy arrays -> list<list<dtype>> (or list<dtype>), no Python lists."""
-    np_dtype = dtype.to_pandas_dtype()
-    flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(np_dtype) if arrays else np.zeros(0, np_dtype)
-    outer = np.concatenate([[0], np.cumsum([a.shape[0] for a in arrays])]).astype(np.int32)
-    values = pa.array(flat, type=dtype)
-    if arrays and arrays[0].ndim == 2:
-        k = arrays[0].shape[1]
-        values = pa.ListArray.from_arrays(pa.array(np.arange(0, int(outer[-1]) * k + 1, k, dtype=np.int32)), values)
-    return pa.ListArray.from_arrays(pa.array(outer), values)
-
-
-def unnest(col, width: Optional[int] = None) -> list[np.ndarray]:
-    """A list<x> (width None) or list<list<x>> column of `width`-long rows -> per-row numpy arrays."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if len(arr) == 0:
-        return []
-    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    inner = arr.flatten()
-    if width is not None:
-        inner = inner.flatten()
-    flat = inner.to_numpy(zero_copy_only=False)
-    per = lengths * (width or 1)
-    if flat.size != per.sum():
-        raise ValueError(f"nested column: {flat.size} values for rows of width {width} (expected {per.sum()})")
-    parts = np.split(flat, np.cumsum(per)[:-1])
-    return [p.reshape(-1, width) for p in parts] if width is not None else parts
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +65,7 @@ def unnest(col, width: Optional[int] = None) -> list[np.ndarray]:
 @dataclass
 class Pair:
     name: str  # source name
-    cm: object  # the source's ChatModel (tokenizer + template)
+    chat_model: object  # the source's ChatModel (tokenizer + template)
     eot: Optional[int]
     same_tokenizer: bool
     copy: bool  # identical tokenizer and end-of-turn token: rows can be copied unchanged
@@ -136,32 +77,34 @@ class Pair:
 
 @dataclass
 class Target:
-    cm: object
+    chat_model: object
     eot: Optional[int]
     max_length: int
 
 
-def make_pair(cfg, cache_dir, spec, tgt: Target, cm=None) -> Pair:
-    """The source `spec` (its ChatModel `cm` when already loaded) against the target: end-of-turn
+def make_pair(cfg, cache_dir, spec, tgt: Target, chat_model=None) -> Pair:
+    """The source `spec` (its ChatModel `chat_model` when already loaded) against the target: end-of-turn
     tokens, identical-tokenizer check, vocabulary tables (cached in `cache_dir`), alignment method."""
     from profuser.align import same_tokenizer, surfaces
     from profuser.chat import end_of_turn_id
     from profuser.models import load_chat_tokenizer
     from profuser.vocab_map import load_pair_tables
 
-    cm = cm or load_chat_tokenizer(spec)
-    eot = end_of_turn_id(cm.tokenizer, cm.template)
-    same = same_tokenizer(cm.tokenizer, tgt.cm.tokenizer)
+    chat_model = chat_model or load_chat_tokenizer(spec)
+    eot = end_of_turn_id(chat_model.tokenizer, chat_model.template)
+    same = same_tokenizer(chat_model.tokenizer, tgt.chat_model.tokenizer)
     pairs = {eot: tgt.eot} if eot is not None and tgt.eot is not None else {}
     first = by_byte = None
     share = 1.0
     copy = same and eot == tgt.eot
-    first, by_byte = load_pair_tables(cm.tokenizer, tgt.cm.tokenizer, cache_dir, cfg.prep.vocab_mapping, pairs)
+    first, by_byte = load_pair_tables(chat_model.tokenizer, tgt.chat_model.tokenizer, cache_dir, cfg.prep.vocab_mapping,
+                                      pairs)
     if not copy:
-        s = surfaces(cm.tokenizer)
+        s = surfaces(chat_model.tokenizer)
         regular = ~s.special & (s.lengths > 0)
         share = float((first[regular] >= 0).mean()) if regular.any() else 0.0
-    return Pair(spec.name, cm, eot, same, copy, first, by_byte, share, alignment_method(cm.tokenizer, tgt.cm.tokenizer))
+    return Pair(spec.name, chat_model, eot, same, copy, first, by_byte, share,
+                alignment_method(chat_model.tokenizer, tgt.chat_model.tokenizer))
 
 
 def alignment_method(src_tok, tgt_tok) -> str:
@@ -201,21 +144,21 @@ def align_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict],
     from profuser.chat import OverLength, encode_chat, split_response
     from profuser.transfer import project
 
-    src_tok, tgt_tok = pair.cm.tokenizer, tgt.cm.tokenizer
-    tname = tgt.cm.spec.name
+    src_tok, tgt_tok = pair.chat_model.tokenizer, tgt.chat_model.tokenizer
+    tname = tgt.chat_model.spec.name
     try:
-        s_prompt, s_resp = split_response(src_tok, pair.cm.template, messages, response)
+        s_prompt, s_resp = split_response(src_tok, pair.chat_model.template, messages, response)
     except Exception as e:  # noqa: BLE001 — a template that cannot render this response
         raise Reject("template_error", f"{pair.name}: {type(e).__name__}: {e}") from e
     try:
-        enc = encode_chat(tgt_tok, tgt.cm.template, messages, response, tgt.max_length, overlength)
-        t_prompt, t_resp = split_response(tgt_tok, tgt.cm.template, messages, response)
+        enc = encode_chat(tgt_tok, tgt.chat_model.template, messages, response, tgt.max_length, overlength)
+        t_prompt, t_resp = split_response(tgt_tok, tgt.chat_model.template, messages, response)
     except OverLength as e:
         raise Reject("over_length", f"target {tname}: {e} (data.overlength={overlength})", True) from e
     except Exception as e:  # noqa: BLE001
         raise Reject("template_error", f"target {tname}: {type(e).__name__}: {e}", True) from e
     if pair.method == "mined":
-        again = encode_chat(src_tok, pair.cm.template, messages, response).input_ids
+        again = encode_chat(src_tok, pair.chat_model.template, messages, response).input_ids
         src_resp = again[len(again) - len(token_ids):] if len(again) >= len(token_ids) else again
         if list(src_resp) != list(np.asarray(token_ids).tolist()):
             raise Reject("retokenization_mismatch", f"{pair.name}: re-tokenizing the response does not give the "
@@ -231,10 +174,10 @@ def align_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict],
         raise Reject("unalignable", f"target {tname}: {e}", True) from e
     if not np.array_equal(src.ids, token_ids):
         n = min(len(src.ids), len(token_ids))
-        at = next((j for j in range(n) if src.ids[j] != token_ids[j]), n)
+        first_diff = next((j for j in range(n) if src.ids[j] != token_ids[j]), n)
         raise Reject("retokenization_mismatch",
                      f"{pair.name}: re-tokenizing the response gives {len(src.ids)} tokens, the teacher stored "
-                     f"{len(token_ids)} (first difference at response token {at}); its distributions are for "
+                     f"{len(token_ids)} (first difference at response token {first_diff}); its distributions are for "
                      "other tokens")
     resp_ids = np.asarray(enc.input_ids[enc.prompt_len:], dtype=np.int64)
     if not np.array_equal(tgt_rt.ids, resp_ids):
@@ -291,7 +234,7 @@ def _align_mined(pair: Pair, tgt: Target, enc, token_ids, token_logprobs, topk_i
 
     src_ids = np.asarray(token_ids, dtype=np.int64)
     tgt_ids = np.asarray(enc.input_ids[enc.prompt_len:], dtype=np.int64)
-    ss, ts = surfaces(pair.cm.tokenizer), surfaces(tgt.cm.tokenizer)
+    ss, ts = surfaces(pair.chat_model.tokenizer), surfaces(tgt.chat_model.tokenizer)
     surf = lambda t, i: t.surfaces[i] if 0 <= i < len(t.surfaces) else b""  # noqa: E731
     pairs = align_mined([surf(ss, i) for i in src_ids], [surf(ts, i) for i in tgt_ids])
     last = lambda ids, e: (int(np.flatnonzero(ids == e)[-1]) if e is not None and (ids == e).any() else None)  # noqa: E731
@@ -308,25 +251,12 @@ def _align_mined(pair: Pair, tgt: Target, enc, token_ids, token_logprobs, topk_i
                      "mined", k)
 
 
-def rows_to_table(rows: list[dict]) -> pa.Table:
-    col = lambda key, t: pa.array([r[key] for r in rows], t)  # noqa: E731
-    return pa.Table.from_arrays([
-        col("id", pa.string()), col("mode", pa.string()), col("source", pa.string()), col("rank", pa.int32()),
-        col("teacher_score", pa.float64()), col("ce", pa.float64()), col("bpb", pa.float64()),
-        col("votes", pa.float64()), col("mean_z", pa.float64()), col("method", pa.string()),
-        nested([r["input_ids"] for r in rows], pa.int32()), nested([r["labels"] for r in rows], pa.int32()),
-        nested([r["topk_ids"] for r in rows], pa.int32()), nested([r["topk_logprobs"] for r in rows], pa.float16()),
-        col("n_response", pa.int32()), col("n_aligned", pa.int32()), col("n_transferred", pa.int32()),
-        col("kept_mass", pa.float64()), col("mass", pa.float64()),
-    ], schema=SCHEMA)
-
-
 class TeacherRows:
     """One teacher part's shard, read once, with per-row access to its nested columns."""
 
     def __init__(self, table: pa.Table, k: int):
         self.table, self.k = table, k
-        self.at = {rid: j for j, rid in enumerate(table["id"].to_pylist())}
+        self.row_of = {rid: j for j, rid in enumerate(table["id"].to_pylist())}
         self._cols: dict = {}
 
     def column(self, name: str) -> list:
@@ -356,13 +286,13 @@ class AlignStage(Stage):
         common = {"target": {**model_deps(t), "max_length": t.max_length or cfg.data.max_length},
                   "overlength": cfg.data.overlength, "vocab_mapping": cfg.prep.vocab_mapping,
                   "version": [ALIGN_VERSION, MAP_VERSION]}
-        teacher = lambda mode: {k: v for k, v in up(plan, "teacher").items()  # noqa: E731
+        teacher = lambda mode: {k: v for k, v in upstream_hashes(plan, "teacher").items()  # noqa: E731
                                 if k.startswith(f"teacher/{mode}/")}
         return {
             # MinCE compares every source's training row; the order of the sources breaks ties
-            "training": {"upstream": {**up(plan, "normalize"), **teacher("training")}, "mince": cfg.prep.mince,
+            "training": {"upstream": {**upstream_hashes(plan, "normalize"), **teacher("training")}, "mince": cfg.prep.mince,
                          "sources": [m.name for m in cfg.sources], **common},
-            "inference": {"upstream": {**up(plan, "normalize"), **up(plan, "score"), **teacher("inference")},
+            "inference": {"upstream": {**upstream_hashes(plan, "normalize", "score"), **teacher("inference")},
                           **common},
         }
 
@@ -370,7 +300,7 @@ class AlignStage(Stage):
         from profuser.chat import end_of_turn_id
         from profuser.models import load_chat_tokenizer
 
-        cfg, sd = ctx.cfg, ctx.stage_dir(self.name)
+        cfg, stage_dir = ctx.cfg, ctx.stage_dir(self.name)
         if not todo:
             return
         tcm = load_chat_tokenizer(cfg.target)
@@ -379,31 +309,31 @@ class AlignStage(Stage):
         for m in cfg.sources:  # every pair up front: tables are cached, and each shard records them all
             pairs[m.name]
         norm = ctx.stage_dir("normalize")
-        jobs = [(m, i) for m in MODES for i in todo.get(m, [])]
+        jobs = [(m, i) for m in PREP_MODES for i in todo.get(m, [])]
         bar = Progress(ctx, sum(norm.num_rows("records", i) for _, i in jobs), f"align -> {cfg.target.name}")
-        for mode, i in sorted(jobs, key=lambda j: (j[1], MODES.index(j[0]))):
-            self._shard(ctx, sd, pairs, tgt, mode, i, read_records(ctx, i), bar)
+        for mode, i in sorted(jobs, key=lambda j: (j[1], PREP_MODES.index(j[0]))):
+            self._shard(ctx, stage_dir, pairs, tgt, mode, i, read_records(ctx, i), bar)
         bar.close()
 
     def _candidates(self, ctx: Context, mode: str, i: int, records: list[dict]):
         """Per record id: the ranked (source, TeacherRows, row index, info) candidates of this mode."""
         from profuser.selection import bits_per_byte, mince_value, rank_sources
 
-        cfg, tsd, k = ctx.cfg, ctx.stage_dir("teacher"), ctx.cfg.prep.topk
+        cfg, teacher_dir, k = ctx.cfg, ctx.stage_dir("teacher"), ctx.cfg.prep.topk
         out: dict[str, list] = {}
         if mode == "training":
-            parts = {m.name: TeacherRows(tsd.read(f"training/{m.name}", i), k) for m in cfg.sources}
+            parts = {m.name: TeacherRows(teacher_dir.read(f"training/{m.name}", i), k) for m in cfg.sources}
             for rec in records:
                 values, info = {}, {}
                 for src, rows in parts.items():
-                    j = rows.at.get(rec["id"])
+                    j = rows.row_of.get(rec["id"])
                     if j is None:
                         continue
                     ce, nll, nb = (rows.column(c)[j] for c in ("ce", "text_nll", "text_bytes"))
                     values[src] = mince_value(ce, nll, nb, cfg.prep.mince)
                     info[src] = {"teacher_score": values[src], "ce": ce, "bpb": bits_per_byte(nll, nb),
                                  "votes": None, "mean_z": None}
-                out[rec["id"]] = [(s, parts[s], parts[s].at[rec["id"]], info[s]) for s in rank_sources(values)]
+                out[rec["id"]] = [(s, parts[s], parts[s].row_of[rec["id"]], info[s]) for s in rank_sources(values)]
             return out
         scores = {r["id"]: r for r in ctx.stage_dir("score").read("scores", i).to_pylist()}
         parts: dict[str, TeacherRows] = {}
@@ -413,8 +343,8 @@ class AlignStage(Stage):
                 continue
             src = sc["winner"]
             if src not in parts:
-                parts[src] = TeacherRows(tsd.read(f"inference/{src}", i), k)
-            j = parts[src].at.get(rec["id"])
+                parts[src] = TeacherRows(teacher_dir.read(f"inference/{src}", i), k)
+            j = parts[src].row_of.get(rec["id"])
             if j is None:
                 out[rec["id"]] = []  # the teacher stage could not use it (see its rejects)
                 continue
@@ -425,7 +355,7 @@ class AlignStage(Stage):
                                              "votes": sc["votes"][c], "mean_z": sc["mean_z"][c]})]
         return out
 
-    def _shard(self, ctx, sd, pairs: "Pairs", tgt: Target, mode: str, i: int, records: list[dict],
+    def _shard(self, ctx, stage_dir, pairs: "Pairs", tgt: Target, mode: str, i: int, records: list[dict],
                bar: Progress) -> None:
         t0 = time.time()
         cands = self._candidates(ctx, mode, i, records)
@@ -460,7 +390,7 @@ class AlignStage(Stage):
                            "no other source to fall back to" if mode == "training" else
                            "only the winner's distributions exist in inference mode: no inference mode for this sample")
                     rejects.append({"id": rec["id"], "mode": mode, "source": src, "kind": e.kind,
-                                    "reason": f"{e.reason} ({nxt})"})
+                                    "reason": f"{e.detail} ({nxt})"})
                     if e.target_side:
                         break
                     continue
@@ -480,23 +410,23 @@ class AlignStage(Stage):
                 bar.update(0, out["n_response"])
                 break
             bar.update(1, 0)
-        sd.commit(mode, i, rows_to_table(rows),
-                  sidecar_info(n_in, len(rows), rejects, time.time() - t0,
-                               sum(s["response_positions"] for s in stats.values()), align=stats, choice=choice,
-                               pairs=pairs.info()))
+        stage_dir.commit(mode, i, to_table(rows, ALIGN_SCHEMA),
+                         sidecar_info(n_in, len(rows), rejects, time.time() - t0,
+                                      sum(s["response_positions"] for s in stats.values()), align=stats, choice=choice,
+                                      pairs=pairs.info()))
 
-    def finalize(self, ctx, sd, parts, rejects):
+    def finalize(self, ctx, stage_dir, parts, rejects):
         from profuser.prep.stats import collect_stats, log_stats
 
         cfg = ctx.cfg
         n = len(next(iter(parts.values()))["shards"]) if parts else 0
         sources = [m.name for m in cfg.sources]
-        agg = {m: {s: dict.fromkeys(STAT_KEYS, 0) for s in sources} for m in MODES}
-        choice = {m: {s: {"first": 0, "taught": 0} for s in sources} for m in MODES}
+        agg = {m: {s: dict.fromkeys(STAT_KEYS, 0) for s in sources} for m in PREP_MODES}
+        choice = {m: {s: {"first": 0, "taught": 0} for s in sources} for m in PREP_MODES}
         pair_info: dict = {}
-        for m in MODES:
+        for m in PREP_MODES:
             for i in range(n):
-                side = sd.sidecar(m, i)
+                side = stage_dir.sidecar(m, i)
                 for s in sources:
                     for key in STAT_KEYS:
                         agg[m][s][key] += side.get("align", {}).get(s, {}).get(key, 0)
@@ -508,8 +438,8 @@ class AlignStage(Stage):
         for s in sources:
             entry: dict = {"source": s, "target": cfg.target.name, "vocab_mapping": cfg.prep.vocab_mapping,
                            **pair_info.get(s, {})}
-            total = {key: sum(agg[m][s][key] for m in MODES) for key in STAT_KEYS}
-            for m in MODES:
+            total = {key: sum(agg[m][s][key] for m in PREP_MODES) for key in STAT_KEYS}
+            for m in PREP_MODES:
                 entry[m] = pair_summary(agg[m][s])
             entry["all"] = pair_summary(total)
             pairs[f"{s}->{cfg.target.name}"] = entry
@@ -523,23 +453,23 @@ class AlignStage(Stage):
                     f"1:1 spans alone: {_pct(a['aligned_share'])}), top-k mass carried {_pct(a['kept_mass'])}, "
                     f"mean stored mass {_fmt(a['mass'])} ({'copy' if e.get('copy_ids') else cfg.prep.vocab_mapping} "
                     f"vocabulary map, {_pct(e.get('mapped_share'))} of source tokens mapped)")
-        for m in MODES:
+        for m in PREP_MODES:
             total = sum(c["taught"] for c in choice[m].values())
             if total:
                 ctx.say(f"align: {m} teachers: " + ", ".join(
                     f"{s} {c['taught']} ({c['taught'] / total:.0%}; first choice {c['first']})"
                     for s, c in choice[m].items()))
-        selection = {m: {s: dict(c) for s, c in choice[m].items()} for m in MODES}
-        log_align_stats(ctx, pairs, _row_shares(ctx, sd, n))
+        selection = {m: {s: dict(c) for s, c in choice[m].items()} for m in PREP_MODES}
+        log_align_stats(ctx, pairs, _row_shares(ctx, stage_dir, n))
         log_stats(ctx, collect_stats(ctx, selection))
         return {"pairs": pairs, "selection": selection, "mince": cfg.prep.mince}
 
 
-def _row_shares(ctx, sd, n: int) -> dict:
+def _row_shares(ctx, stage_dir, n: int) -> dict:
     out: dict = {m.name: [] for m in ctx.cfg.sources}
-    for m in MODES:
+    for m in PREP_MODES:
         for i in range(n):
-            t = sd.read(m, i, ["source", "n_transferred", "n_response"])
+            t = stage_dir.read(m, i, ["source", "n_transferred", "n_response"])
             for s, tr, rs in zip(*t.to_pydict().values()):
                 if rs:
                     out[s].append(tr / rs)
@@ -579,7 +509,7 @@ def log_align_stats(ctx, pairs: dict, shares: dict) -> Optional[str]:
             "text_share", "aligned_share", "kept_mass", "mass", "mapped_share"]
     data = [[e["source"], e["target"], m, e[m]["rows"], e[m]["fallback_rows"], e[m]["response_positions"],
              e[m]["transferred_share"], e[m]["text_share"], e[m]["aligned_share"], e[m]["kept_mass"], e[m]["mass"],
-             e.get("mapped_share")] for e in pairs.values() for m in (*MODES, "all")]
+             e.get("mapped_share")] for e in pairs.values() for m in (*PREP_MODES, "all")]
     log = {"prep/align/pairs": wandb.Table(columns=cols, data=data)}
     for src, v in shares.items():
         if v:
@@ -587,7 +517,7 @@ def log_align_stats(ctx, pairs: dict, shares: dict) -> Optional[str]:
     run.log(log)
     flat = {}
     for e in pairs.values():
-        for m in (*MODES, "all"):
+        for m in (*PREP_MODES, "all"):
             for key in ("transferred_share", "text_share", "aligned_share", "kept_mass", "mass"):
                 if e[m][key] is not None:
                     flat[f"prep/align/{key}/{m}/{e['source']}"] = e[m][key]

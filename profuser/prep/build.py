@@ -22,22 +22,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from profuser.constants import PREP_MODES
+from profuser.prep.formats import BUILD_FIELDS, BUILD_SCHEMA
 from profuser.prep.shards import StageDir
-from profuser.prep.stages import Context, Progress, Stage, sidecar_info, up
+from profuser.prep.stages import Context, Progress, Stage, sidecar_info, upstream_hashes
 
 BUILD_VERSION = 2
 PART = ""  # the shards live in the stage directory itself (see the module docstring)
-MODES = ("training", "inference")
-FIELDS = {  # build column suffix -> (align column, type)
-    "input_ids": ("input_ids", pa.list_(pa.int32())),
-    "labels": ("labels", pa.list_(pa.int32())),
-    "teacher": ("source", pa.string()),
-    "teacher_score": ("teacher_score", pa.float64()),
-    "topk_ids": ("topk_ids", pa.list_(pa.list_(pa.int32()))),
-    "topk_logprobs": ("topk_logprobs", pa.list_(pa.list_(pa.float16()))),
-}
-SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("meta", pa.string())]
-                   + [pa.field(f"{m}_{f}", t) for m in MODES for f, (_, t) in FIELDS.items()])
 
 
 class BuildStage(Stage):
@@ -45,66 +36,66 @@ class BuildStage(Stage):
     needs = ("normalize", "align")
 
     def parts(self, cfg, plan):
-        return {PART: {"upstream": {**up(plan, "normalize"), **up(plan, "align")}, "version": BUILD_VERSION}}
+        return {PART: {"upstream": upstream_hashes(plan, "normalize", "align"), "version": BUILD_VERSION}}
 
     def run(self, ctx: Context, todo: dict[str, list[int]]) -> None:
         shards = todo.get(PART)
         if not shards:
             return
-        sd, asd, norm = ctx.stage_dir(self.name), ctx.stage_dir("align"), ctx.stage_dir("normalize")
-        cols = [c for c, _ in FIELDS.values()]
+        stage_dir, align_dir, norm = ctx.stage_dir(self.name), ctx.stage_dir("align"), ctx.stage_dir("normalize")
         bar = Progress(ctx, sum(norm.num_rows("records", i) for i in shards), "build")
         for i in shards:
             t0 = time.time()
             records = norm.read("records", i, ["id", "meta"])
             ids = records["id"].to_pylist()
             picked = {}
-            for m in MODES:
-                table = asd.read(m, i, ["id", *cols])
-                at = {rid: j for j, rid in enumerate(table["id"].to_pylist())}
-                picked[m] = (table, [at.get(rid) for rid in ids])
-            keep = [j for j, rid in enumerate(ids) if any(picked[m][1][j] is not None for m in MODES)]
+            for m in PREP_MODES:
+                table = align_dir.read(m, i, ["id", *BUILD_FIELDS.values()])
+                row_of = {rid: j for j, rid in enumerate(table["id"].to_pylist())}
+                picked[m] = (table, [row_of.get(rid) for rid in ids])
+            keep = [j for j, rid in enumerate(ids) if any(picked[m][1][j] is not None for m in PREP_MODES)]
             rejects = [{"id": rid, "kind": "no_teacher",
                         "reason": "no aligned teacher row in either mode (see the teacher and align rejects "
                                   "for this id)"}
-                       for j, rid in enumerate(ids) if all(picked[m][1][j] is None for m in MODES)]
+                       for j, rid in enumerate(ids) if all(picked[m][1][j] is None for m in PREP_MODES)]
             take = pa.array(keep, pa.int64())
             arrays = [records["id"].take(take), records["meta"].take(take)]
-            for m in MODES:
+            for m in PREP_MODES:
                 table, rows = picked[m]
                 idx = pa.array([rows[j] for j in keep], pa.int64())
-                arrays += [table[c].take(idx).cast(t) for c, t in FIELDS.values()]
+                arrays += [table[col].take(idx).cast(BUILD_SCHEMA.field(f"{m}_{f}").type)
+                           for f, col in BUILD_FIELDS.items()]
             out = pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays],
-                                       schema=SCHEMA)
-            modes = {m: sum(picked[m][1][j] is not None for j in keep) for m in MODES}
-            modes["both"] = sum(all(picked[m][1][j] is not None for m in MODES) for j in keep)
-            tokens = sum(pc.sum(pc.list_value_length(out[f"{m}_input_ids"])).as_py() or 0 for m in MODES)
-            commit(sd, i, out, sidecar_info(len(ids), len(keep), rejects, time.time() - t0, tokens, modes=modes))
+                                       schema=BUILD_SCHEMA)
+            modes = {m: sum(picked[m][1][j] is not None for j in keep) for m in PREP_MODES}
+            modes["both"] = sum(all(picked[m][1][j] is not None for m in PREP_MODES) for j in keep)
+            tokens = sum(pc.sum(pc.list_value_length(out[f"{m}_input_ids"])).as_py() or 0 for m in PREP_MODES)
+            commit(stage_dir, i, out, sidecar_info(len(ids), len(keep), rejects, time.time() - t0, tokens, modes=modes))
             bar.update(len(ids), tokens)
         bar.close()
 
-    def finalize(self, ctx, sd, parts, rejects):
+    def finalize(self, ctx, stage_dir, parts, rejects):
         n = len(parts[PART]["shards"])
-        modes = dict.fromkeys((*MODES, "both"), 0)
+        modes = dict.fromkeys((*PREP_MODES, "both"), 0)
         for i in range(n):
-            for m, c in sd.sidecar(PART, i).get("modes", {}).items():
+            for m, c in stage_dir.sidecar(PART, i).get("modes", {}).items():
                 modes[m] += c
         rows = parts[PART]["counts"]["out"]
-        ctx.say(f"build: {rows} training samples in {sd.root}/*.parquet — training mode {modes['training']}, "
+        ctx.say(f"build: {rows} training samples in {stage_dir.root}/*.parquet — training mode {modes['training']}, "
                 f"inference mode {modes['inference']}, both {modes['both']}")
         return {"modes": modes}
 
 
 
-def commit(sd: StageDir, i: int, table: pa.Table, info: dict) -> None:
+def commit(stage_dir: StageDir, i: int, table: pa.Table, info: dict) -> None:
     """StageDir.commit, except that a shard without rows is written with no row group at all:
     `datasets.Dataset.from_parquet` (so the trainer) fails on a file holding one empty row group
     ("BatchSize must be greater than 0") and reads a file without row groups fine."""
     if table.num_rows:
-        sd.commit(PART, i, table, info)
+        stage_dir.commit(PART, i, table, info)
         return
-    path = sd.shard_path(PART, i)
+    path = stage_dir.shard_path(PART, i)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     pq.ParquetWriter(tmp, table.schema, compression="zstd").close()
     os.replace(tmp, path)
-    sd.mark_done(PART, i, 0, info)
+    stage_dir.mark_done(PART, i, 0, info)

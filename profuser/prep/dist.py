@@ -21,6 +21,14 @@ def _env_int(*names: str, default: int) -> int:
 
 @dataclass
 class Dist:
+    """Rank, world and a gloo group of the launcher's processes; barrier and broadcast over it.
+
+    A thin layer over torch.distributed rather than accelerate's PartialState, which is a
+    process-wide singleton (the Trainer started later in the same process would inherit it), picks
+    NCCL on GPU nodes or, with cpu=True, puts the process on the CPU, rewrites RANK/WORLD_SIZE/MASTER_PORT
+    in os.environ and resets the torch thread count; prep wants a gloo group that it closes when done.
+    """
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0

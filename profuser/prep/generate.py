@@ -19,28 +19,24 @@ Backends:
   static batches (logged once).
 - `vllm`: one engine per rank on that rank's local GPUs (`profuser.prep.vllm_backend`), the same
   per-record seeds as vLLM request seeds; imported only when chosen.
+
+Never shares a sample between sources or records: each (source, record) draws with its own seed.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import pyarrow as pa
 
-from profuser.prep.stages import Context, Progress, Stage, free_memory, model_deps, read_records, sidecar_info, up
+from profuser.prep.formats import GENERATE_SCHEMA
+from profuser.prep.stages import (Context, Progress, Stage, free_memory, model_deps, read_records, sidecar_info,
+                                   upstream_hashes)
 
 log = logging.getLogger("profuser")
-
-SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("response", pa.string()),
-    pa.field("n_tokens", pa.int32()),  # generated tokens, not counting the stop token
-    pa.field("finish_reason", pa.string()),  # "stop" (end of turn / EOS) or "length" (max_new_tokens)
-])
-
 
 def derive_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")
@@ -180,12 +176,12 @@ class Generation:
     finish_reason: str
 
 
-def stop_ids(cm) -> list[int]:
+def stop_ids(chat_model) -> list[int]:
     """End-of-turn of the template first, then the tokenizer's and the model's EOS ids."""
     from profuser.chat import end_of_turn_id
 
-    ids = [end_of_turn_id(cm.tokenizer, cm.template), cm.tokenizer.eos_token_id]
-    gc = getattr(cm.model, "generation_config", None)
+    ids = [end_of_turn_id(chat_model.tokenizer, chat_model.template), chat_model.tokenizer.eos_token_id]
+    gc = getattr(chat_model.model, "generation_config", None)
     eos = getattr(gc, "eos_token_id", None) if gc is not None else None
     ids += eos if isinstance(eos, list) else [eos]
     return list(dict.fromkeys(i for i in ids if i is not None))
@@ -221,9 +217,9 @@ OnBatch = Optional[Callable[[int, int], None]]
 class HFGenerator:
     """transformers generation: continuous batching or static left-padded batches, per-record seeds."""
 
-    def __init__(self, cm, gcfg):
-        self.model, self.tok, self.g = cm.model, cm.tokenizer, gcfg
-        self.stop = stop_ids(cm)
+    def __init__(self, chat_model, gcfg):
+        self.model, self.tok, self.g = chat_model.model, chat_model.tokenizer, gcfg
+        self.stop = stop_ids(chat_model)
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.stop[0]
         self.device = next(self.model.parameters()).device
         self.sampler = SeededSampler(gcfg.temperature, gcfg.top_k, gcfg.top_p) if gcfg.do_sample else None
@@ -337,12 +333,12 @@ class HFGenerator:
         return out
 
 
-def prompt_ids(cm, messages: list[dict], max_length: int) -> tuple[list[int], int]:
+def prompt_ids(chat_model, messages: list[dict], max_length: int) -> tuple[list[int], int]:
     """The generation prompt's token ids, cut from the left to leave room for at least one new token."""
     from profuser.chat import render
 
-    text = render(cm.tokenizer, cm.template, messages, add_generation_prompt=True)
-    ids = cm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = render(chat_model.tokenizer, chat_model.template, messages, add_generation_prompt=True)
+    ids = chat_model.tokenizer(text, add_special_tokens=False)["input_ids"]
     cut = max(0, len(ids) - (max_length - 1))
     return ids[cut:], cut
 
@@ -351,7 +347,7 @@ def generate_deps(g) -> dict:
     """What a source's generations depend on in `prep.generate`: not the speed settings (batch size,
     continuous batching, vLLM memory/parallelism/graphs), which change float noise at most now that
     every draw is seeded per record."""
-    d = asdict(g)
+    d = g.model_dump()
     for k in ("batch_size", "continuous_batching"):
         d.pop(k, None)
     engine = d.pop("vllm", {})
@@ -368,12 +364,12 @@ class GenerateStage(Stage):
 
     def parts(self, cfg, plan):
         g = generate_deps(cfg.prep.generate)
-        return {m.name: {"upstream": up(plan, "normalize"), "model": model_deps(m),
+        return {m.name: {"upstream": upstream_hashes(plan, "normalize"), "model": model_deps(m),
                          "max_length": m.max_length or cfg.data.max_length, "generate": g, "seed": cfg.seed}
                 for m in cfg.sources}
 
     def run(self, ctx: Context, todo: dict[str, list[int]]) -> None:
-        cfg, sd = ctx.cfg, ctx.stage_dir(self.name)
+        cfg, stage_dir = ctx.cfg, ctx.stage_dir(self.name)
         for spec in cfg.sources:
             shards = todo.get(spec.name)
             if not shards:
@@ -383,33 +379,33 @@ class GenerateStage(Stage):
                 from profuser.models import load_chat_tokenizer
                 from profuser.prep.vllm_backend import VLLMGenerator
 
-                cm = load_chat_tokenizer(spec)
-                gen = VLLMGenerator(spec, cm, cfg.prep.generate, max_len, cfg.seed, ctx.log)
+                chat_model = load_chat_tokenizer(spec)
+                gen = VLLMGenerator(spec, chat_model, cfg.prep.generate, max_len, cfg.seed, ctx.log)
             else:
-                cm = ctx.loader(spec)
-                gen = HFGenerator(cm, cfg.prep.generate)
+                chat_model = ctx.loader(spec)
+                gen = HFGenerator(chat_model, cfg.prep.generate)
             ctx.log(f"generate {spec.name}: backend {cfg.prep.generate.backend}"
                     + (f" ({gen.mode} batching)" if isinstance(gen, HFGenerator) else ""))
             n_rec = sum(ctx.stage_dir("normalize").num_rows("records", i) for i in shards)
             bar = Progress(ctx, n_rec, f"generate {spec.name}")
             try:
                 for i in shards:
-                    self._shard(ctx, sd, spec, cm, gen, i, max_len, bar)
+                    self._shard(ctx, stage_dir, spec, chat_model, gen, i, max_len, bar)
             finally:
                 bar.close()
                 close = getattr(gen, "close", None)
                 if close is not None:
                     close()  # vLLM: shut the engine down before the next source's engine starts
-                del gen, cm
+                del gen, chat_model
                 free_memory()
 
-    def _shard(self, ctx, sd, spec, cm, gen, i: int, max_len: int, bar) -> None:
+    def _shard(self, ctx, stage_dir, spec, chat_model, gen, i: int, max_len: int, bar) -> None:
         cfg = ctx.cfg
         t0 = time.time()
         records = read_records(ctx, i)
         prompts, truncated = [], 0
         for rec in records:
-            ids, cut = prompt_ids(cm, rec["messages"], max_len)
+            ids, cut = prompt_ids(chat_model, rec["messages"], max_len)
             prompts.append(ids)
             truncated += cut > 0
         seeds = [record_seed(cfg.seed, spec.name, rec["id"]) for rec in records]
@@ -417,7 +413,7 @@ class GenerateStage(Stage):
         seconds = time.time() - t0
         rows, rejects = [], []
         for rec, g in zip(records, gens):
-            text = cm.tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
+            text = chat_model.tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
             if not text:
                 rejects.append({"id": rec["id"], "source": spec.name, "kind": "empty_generation",
                                 "reason": f"{spec.name} generated no text (finish_reason={g.finish_reason}, "
@@ -426,14 +422,14 @@ class GenerateStage(Stage):
             rows.append({"id": rec["id"], "response": text, "n_tokens": len(g.token_ids),
                          "finish_reason": g.finish_reason})
         tokens = sum(len(g.token_ids) for g in gens)
-        sd.commit(spec.name, i, pa.Table.from_pylist(rows, schema=SCHEMA),
-                  sidecar_info(len(records), len(rows), rejects, time.time() - t0, tokens,
-                               prompt_truncated=truncated, generate_seconds=round(seconds, 3),
-                               tok_per_s=round(tokens / max(seconds, 1e-9), 1),
-                               finish={"stop": sum(g.finish_reason == "stop" for g in gens),
-                                       "length": sum(g.finish_reason == "length" for g in gens)}))
+        stage_dir.commit(spec.name, i, pa.Table.from_pylist(rows, schema=GENERATE_SCHEMA),
+                         sidecar_info(len(records), len(rows), rejects, time.time() - t0, tokens,
+                                      prompt_truncated=truncated, generate_seconds=round(seconds, 3),
+                                      tok_per_s=round(tokens / max(seconds, 1e-9), 1),
+                                      finish={"stop": sum(g.finish_reason == "stop" for g in gens),
+                                              "length": sum(g.finish_reason == "length" for g in gens)}))
 
-    def finalize(self, ctx, sd, parts, rejects):
+    def finalize(self, ctx, stage_dir, parts, rejects):
         return {"throughput": throughput(parts)}
 
 

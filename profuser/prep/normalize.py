@@ -6,6 +6,9 @@ record is then formatted with every source's and the target's chat template unde
 a reference that alone exceeds the limit) is rejected for all, so every source sees the same
 records; truncations are counted per model. The shard partition made here is the one every later
 stage keeps.
+
+Never passes on a record some model must reject (`profuser.data.length_problems`, the rule the
+preflight also counts by).
 """
 from __future__ import annotations
 
@@ -17,16 +20,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from profuser.prep.formats import NORMALIZE_SCHEMA
 from profuser.prep.stages import Context, Stage, model_deps, sidecar_info
 from profuser.prep.shards import fingerprint
-
-SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-    pa.field("reference", pa.string()),
-    pa.field("meta", pa.string()),  # JSON of the row's other fields
-])
-
 
 def _length_models(cfg) -> list:
     """Every source and the target, once each (the target may also be a source)."""
@@ -58,18 +54,17 @@ class NormalizeStage(Stage):
         return math.ceil(len(self._parsed(ctx).records) / ctx.cfg.prep.shard_size)
 
     def run(self, ctx: Context, todo: dict[str, list[int]]) -> None:
-        from profuser.chat import OverLength, encode_chat
-        from profuser.data import Reject, guard_special_tokens, special_strings
+        from profuser.data import Reject, guard_special_tokens, length_problems, special_strings
         from profuser.models import load_chat_tokenizer
 
         cfg, size = ctx.cfg, ctx.cfg.prep.shard_size
         records = self._parsed(ctx).records
         checkers = []
         for m in _length_models(cfg):
-            cm = load_chat_tokenizer(m)
-            checkers.append((m.name, cm, m.max_length or cfg.data.max_length))
-        specials = set().union(*(special_strings(cm.tokenizer) for _, cm, _ in checkers))
-        sd = ctx.stage_dir(self.name)
+            chat_model = load_chat_tokenizer(m)
+            checkers.append((m.name, chat_model, m.max_length or cfg.data.max_length))
+        specials = set().union(*(special_strings(chat_model.tokenizer) for _, chat_model, _ in checkers))
+        stage_dir = ctx.stage_dir(self.name)
         for i in todo.get("records", []):
             t0 = time.time()
             batch = records[i * size:(i + 1) * size]
@@ -82,35 +77,23 @@ class NormalizeStage(Stage):
                 except Reject as e:
                     rejects.append({"id": rec["id"], "kind": e.kind, "reason": str(e)})
                     continue
-                problems = []
-                for name, cm, max_len in checkers:
-                    try:
-                        enc = encode_chat(cm.tokenizer, cm.template, rec["messages"], rec["reference"], max_len,
-                                          cfg.data.overlength)
-                    except OverLength as e:
-                        per_model[name]["rejected"] += 1
-                        problems.append(("over_length", f"{name}: {e} (data.overlength={cfg.data.overlength})"))
-                    except Exception as e:  # noqa: BLE001 — a template that cannot render this record
-                        per_model[name]["rejected"] += 1
-                        problems.append(("template_error", f"{name}: {type(e).__name__}: {e}"))
-                    else:
-                        per_model[name]["truncated" if enc.truncated else "fits"] += 1
+                problems = length_problems(rec, checkers, cfg.data.overlength, per_model)
                 if problems:
                     rejects.append({"id": rec["id"], "kind": problems[0][0], "reason": "; ".join(p[1] for p in problems)})
                 else:
                     keep.append({**rec, "meta": json.dumps(rec["meta"], ensure_ascii=False, sort_keys=True)})
-            table = pa.Table.from_pylist(keep, schema=SCHEMA)
-            sd.commit("records", i, table, sidecar_info(len(batch), len(keep), rejects, time.time() - t0,
-                                                        per_model={k: dict(v) for k, v in per_model.items()},
-                                                        special_tokens_escaped=escaped))
+            table = pa.Table.from_pylist(keep, schema=NORMALIZE_SCHEMA)
+            stage_dir.commit("records", i, table, sidecar_info(len(batch), len(keep), rejects, time.time() - t0,
+                                                               per_model={k: dict(v) for k, v in per_model.items()},
+                                                               special_tokens_escaped=escaped))
 
-    def finalize(self, ctx, sd, parts, rejects):
+    def finalize(self, ctx, stage_dir, parts, rejects):
         res = self._parsed(ctx)
         rejects[:0] = [{"stage": self.name, "part": "records", **r} for r in res.rejects]  # parse rejects first
         per_model: dict = {}
         escaped = 0
         for i in range(len(parts["records"]["shards"])):
-            side = sd.sidecar("records", i)
+            side = stage_dir.sidecar("records", i)
             escaped += side.get("special_tokens_escaped", 0)
             for name, c in side.get("per_model", {}).items():
                 per_model.setdefault(name, Counter()).update(c)

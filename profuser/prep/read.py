@@ -1,5 +1,8 @@
 """Readers for prep outputs. Shards are concatenated in shard order, which is the same whatever
-the number of processes that wrote them."""
+the number of processes that wrote them.
+
+Read-only: never writes or repairs a stage's files.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,13 +12,13 @@ from profuser.prep.shards import StageDir
 
 
 def _files(run_dir: str | Path, stage: str, part: str) -> list[str]:
-    sd = StageDir(Path(run_dir) / "prep", stage)
-    m = sd.manifest()
+    stage_dir = StageDir(Path(run_dir) / "prep", stage)
+    m = stage_dir.manifest()
     if not m or m.get("status") != "complete":
-        raise FileNotFoundError(f"{sd.root}: stage {stage!r} is not complete; run `profuser prep CONFIG` first")
+        raise FileNotFoundError(f"{stage_dir.root}: stage {stage!r} is not complete; run `profuser prep CONFIG` first")
     if part not in m["parts"]:
         raise KeyError(f"{stage} has no part {part!r}; parts: {sorted(m['parts'])}")
-    return [str(sd.part_dir(part) / f) for f in m["parts"][part]["shards"]]
+    return [str(stage_dir.part_dir(part) / f) for f in m["parts"][part]["shards"]]
 
 
 def part_table(run_dir: str | Path, stage: str, part: str, columns: Optional[list[str]] = None):
@@ -46,8 +49,8 @@ def load_part(run_dir: str | Path, stage: str, part: str, cache_dir: Optional[st
 
 def load_teacher(run_dir: str | Path, mode: str, source: Optional[str] = None, cache_dir: Optional[str] = None):
     """Teacher rows of one mode: one source's, or (source=None) every source's, in config order."""
-    sd = StageDir(Path(run_dir) / "prep", "teacher")
-    m = sd.manifest() or {"parts": {}}
+    stage_dir = StageDir(Path(run_dir) / "prep", "teacher")
+    m = stage_dir.manifest() or {"parts": {}}
     parts = [p for p in m["parts"] if p.startswith(f"{mode}/") and (source is None or p == f"{mode}/{source}")]
     files = [f for p in parts for f in _files(run_dir, "teacher", p)]
     if not files:

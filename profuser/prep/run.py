@@ -3,6 +3,9 @@
 Every rank runs this same code (`profuser prep`, the data_prep/ scripts, or either under the
 deepspeed / torchrun launcher). Rank 0 computes the plan (hashes need file fingerprints) and hands
 it to the others, removes stale outputs, and writes each stage's manifest once all ranks are done.
+
+Holds no stage logic: each stage lives in its own module. It never loads a model itself: stages load
+theirs through `Context.loader`.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from profuser.config import ConfigError, RunConfig, load_config, save_resolved
+from profuser.config import RunConfig, save_resolved
 from profuser.prep import STAGE_NAMES
 from profuser.prep.dist import Dist, set_cpu_threads
 from profuser.prep.stages import Context, PrepError, invalidate_stale, make_plan, run_stage, verify_outputs
@@ -61,16 +64,11 @@ def run_prep(cfg: RunConfig, stages: Optional[Sequence[str]] = None, loader: Opt
 
 
 def cmd_prep(args) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if not getattr(args, "skip_check", False):
-        from profuser.check import preflight
+    from profuser.check import load_and_preflight
 
-        if not preflight(cfg, "prep"):
-            return 1
+    cfg, code = load_and_preflight(args, "prep")
+    if cfg is None:
+        return code
     if int(os.environ.get("RANK", "0")) == 0:
         save_resolved(cfg)
     try:

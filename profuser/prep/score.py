@@ -11,6 +11,8 @@ ones); most votes wins, ties go to the highest mean z-score (each scorer's score
 the sample's candidates), then to the earlier source in the config. A scorer that raises (or
 returns a non-finite score) on a candidate removes that candidate from the vote, with a reject
 line naming the scorer; a prompt left without candidates is rejected.
+
+A scorer that fails on a response rejects that candidate with the reason; it never stops the stage.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 
 from profuser.config import ModelConfig, ScorerConfig
-from profuser.prep.stages import Context, PrepError, Progress, Stage, read_records, sidecar_info, up
+from profuser.prep.formats import score_schema
+from profuser.prep.stages import Context, PrepError, Progress, Stage, read_records, sidecar_info, upstream_hashes
 from profuser.prep.shards import fingerprint
 
 
@@ -82,9 +85,9 @@ class RewardModelScorer:
         spec = ModelConfig(path=cfg.path, name=cfg.name, chat_template=cfg.chat_template,
                            trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
         self.name, self.batch_size, self.max_length = cfg.name, cfg.batch_size, cfg.max_length
-        self.cm = load_chat_tokenizer(spec)
+        self.chat_model = load_chat_tokenizer(spec)
         self.model, _ = load_model(spec, auto_class="AutoModelForSequenceClassification", device=device)
-        tok = self.cm.tokenizer
+        tok = self.chat_model.tokenizer
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = tok.pad_token_id
         tok.padding_side, tok.truncation_side = "right", "left"
@@ -94,10 +97,11 @@ class RewardModelScorer:
 
         from profuser.chat import render
 
-        texts = [render(self.cm.tokenizer, self.cm.template, [*r["messages"], {"role": "assistant", "content": s}], False)
+        tok, template = self.chat_model.tokenizer, self.chat_model.template
+        texts = [render(tok, template, [*r["messages"], {"role": "assistant", "content": s}], False)
                  for r, s in zip(records, responses)]
-        enc = self.cm.tokenizer(texts, padding=True, truncation=self.max_length is not None, max_length=self.max_length,
-                                add_special_tokens=False, return_tensors="pt")
+        enc = tok(texts, padding=True, truncation=self.max_length is not None, max_length=self.max_length,
+                  add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
             logits = self.model(**enc.to(self.model.device)).logits.float()
         s = logits[:, 0] if logits.shape[-1] == 1 else logits.log_softmax(-1)[:, -1]
@@ -167,17 +171,6 @@ def pick_winner(scores: np.ndarray) -> tuple[int, list[float], list[float]]:
     return winner, [float(v) for v in votes], [float(x) for x in mean_z]
 
 
-def schema(scorer_names: list[str]) -> pa.Schema:
-    return pa.schema([
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("winner", pa.string()),  # null when no scorer is configured
-        pa.field("sources", pa.list_(pa.string())),  # the candidates, in config order
-        pa.field("votes", pa.list_(pa.float64())),
-        pa.field("mean_z", pa.list_(pa.float64())),
-        *[pa.field(f"score_{n}", pa.list_(pa.float64())) for n in scorer_names],
-    ])
-
-
 class ScoreStage(Stage):
     name = "score"
     needs = ("normalize", "generate")
@@ -190,7 +183,7 @@ class ScoreStage(Stage):
             if s.path:
                 d.update(path=str(Path(s.path).resolve()), files=fingerprint(s.path))
             scorers.append(d)
-        return {"scores": {"upstream": {**up(plan, "normalize"), **up(plan, "generate")}, "scorers": scorers}}
+        return {"scores": {"upstream": upstream_hashes(plan, "normalize", "generate"), "scorers": scorers}}
 
     def run(self, ctx: Context, todo: dict[str, list[int]]) -> None:
         from profuser.models import resolve_device
@@ -198,7 +191,7 @@ class ScoreStage(Stage):
         shards = todo.get("scores")
         if not shards:
             return
-        cfg, sd, gen_dir = ctx.cfg, ctx.stage_dir(self.name), ctx.stage_dir("generate")
+        cfg, stage_dir, gen_dir = ctx.cfg, ctx.stage_dir(self.name), ctx.stage_dir("generate")
         device = resolve_device("auto")
         scorers = [build_scorer(s, device) for s in cfg.scorers]
         names = [s.name for s in cfg.scorers]
@@ -224,19 +217,20 @@ class ScoreStage(Stage):
                                         "reason": f"scorer {n!r} failed on {src}'s response: {values[n][c]}"})
             rows = []
             for k, rec in enumerate(records):
-                mine = [c for c, (kk, _) in enumerate(cands) if kk == k and c not in bad]
-                if not mine:
+                usable = [c for c, (kk, _) in enumerate(cands) if kk == k and c not in bad]
+                if not usable:
                     why = "every source's response was rejected by generate or a scorer"
                     rejects.append({"id": rec["id"], "kind": "no_candidates", "reason": why})
                     continue
-                mat = np.array([[values[n][c] for c in mine] for n in names], dtype=np.float64).reshape(len(names), len(mine))
-                w, votes, mean_z = pick_winner(mat) if names else (None, [0.0] * len(mine), [0.0] * len(mine))
-                row = {"id": rec["id"], "winner": None if w is None else cands[mine[w]][1],
-                       "sources": [cands[c][1] for c in mine], "votes": votes, "mean_z": mean_z}
+                mat = np.array([[values[n][c] for c in usable] for n in names],
+                               dtype=np.float64).reshape(len(names), len(usable))
+                w, votes, mean_z = pick_winner(mat) if names else (None, [0.0] * len(usable), [0.0] * len(usable))
+                row = {"id": rec["id"], "winner": None if w is None else cands[usable[w]][1],
+                       "sources": [cands[c][1] for c in usable], "votes": votes, "mean_z": mean_z}
                 row.update({f"score_{n}": mat[j].tolist() for j, n in enumerate(names)})
                 rows.append(row)
-            sd.commit("scores", i, pa.Table.from_pylist(rows, schema=schema(names)),
-                      sidecar_info(len(records), len(rows), rejects, time.time() - t0,
-                                   candidates=len(cands), candidates_rejected=len(bad)))
+            stage_dir.commit("scores", i, pa.Table.from_pylist(rows, schema=score_schema(names)),
+                             sidecar_info(len(records), len(rows), rejects, time.time() - t0,
+                                          candidates=len(cands), candidates_rejected=len(bad)))
             bar.update(len(records), 0)
         bar.close()

@@ -13,6 +13,8 @@ Layout of one stage (run_dir/prep/<stage>/):
 A part is one independently invalidated slice of a stage (one source's generations, one source's
 teacher rows in one mode). Every write goes to a temp file first and is renamed into place, so a
 killed process leaves either a finished shard or nothing that counts.
+
+A shard is never visible half-written: files are written under a temporary name, then renamed.
 """
 from __future__ import annotations
 

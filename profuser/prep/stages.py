@@ -1,4 +1,4 @@
-"""The stage machinery shared by normalize, generate, score and teacher.
+"""The stage machinery shared by every stage (normalize, generate, score, teacher, align, build).
 
 A stage declares its *parts* (independently invalidated slices: one per source for generate, one
 per (mode, source) for teacher) and, for each part, the config it depends on (`deps`). The part's
@@ -11,6 +11,8 @@ Records are split into shards once, by the normalize stage (`prep.shard_size` re
 input order); every later stage keeps that partition, so shard i of every stage covers the same
 records and its content does not depend on how many processes ran. Shard i of a part goes to rank
 (group_index * n_shards + i) % world, where parts that share a model form one group.
+
+No stage-specific logic lives here, and it never writes or removes anything outside RUN_DIR/prep/.
 """
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ class Stage:
         """Compute and `commit` the listed (part -> shard indices) of this rank."""
         raise NotImplementedError
 
-    def finalize(self, ctx: Context, sd: StageDir, parts: dict, rejects: list[dict]) -> dict:
+    def finalize(self, ctx: Context, stage_dir: StageDir, parts: dict, rejects: list[dict]) -> dict:
         """Rank 0, once every shard is done: extra manifest fields (may append global rejects)."""
         return {}
 
@@ -107,12 +109,9 @@ def model_deps(m: ModelConfig, weights: bool = True) -> dict:
     }
 
 
-def up(plan: dict, stage: str, part: Optional[str] = None) -> dict:
-    """Upstream hashes to put in a part's deps: one part of a stage, or all of its parts."""
-    parts = plan[stage]
-    if part is not None:
-        return {f"{stage}/{part}": parts[part]["hash"]}
-    return {f"{stage}/{p}": v["hash"] for p, v in parts.items()}
+def upstream_hashes(plan: dict, *stages: str) -> dict:
+    """The hashes of every part of `stages`, to put in a part's deps ({"stage/part": hash})."""
+    return {f"{stage}/{p}": v["hash"] for stage in stages for p, v in plan[stage].items()}
 
 
 def make_plan(cfg: RunConfig, stages: list[Stage]) -> dict:
@@ -126,8 +125,8 @@ def _hashes(d: Optional[dict]) -> dict:
     return {p: v["hash"] for p, v in (d or {}).items()}
 
 
-def is_complete(sd: StageDir, want: dict) -> bool:
-    m = sd.manifest()
+def is_complete(stage_dir: StageDir, want: dict) -> bool:
+    m = stage_dir.manifest()
     return bool(m) and m.get("status") == "complete" and _hashes(m.get("parts")) == _hashes(want)
 
 
@@ -135,12 +134,12 @@ def invalidate_stale(ctx: Context, stages: list[Stage]) -> list[str]:
     """Rank 0: remove every stored part whose hash is not the plan's; say which and why."""
     removed = []
     for st in stages:
-        sd = ctx.stage_dir(st.name)
-        man = sd.manifest()
+        stage_dir = ctx.stage_dir(st.name)
+        man = stage_dir.manifest()
         if man is None:
-            if sd.root.exists() and any(sd.root.iterdir()):
+            if stage_dir.root.exists() and any(stage_dir.root.iterdir()):
                 ctx.say(f"{st.name}: output without a manifest (killed before it started?) — removing it")
-                shutil.rmtree(sd.root)
+                shutil.rmtree(stage_dir.root)
             continue
         want = ctx.plan[st.name]
         changed = False
@@ -151,14 +150,14 @@ def invalidate_stale(ctx: Context, stages: list[Stage]) -> list[str]:
             why = diff_deps(old.get("deps", {}), new["deps"]) if new else ["no longer configured"]
             shown = "; ".join(why[:4]) + (f"; and {len(why) - 4} more" if len(why) > 4 else "")
             ctx.say(f"{st.name}/{part}: INVALIDATED — config it depends on changed ({shown}); removing its output")
-            sd.remove_part(part)
+            stage_dir.remove_part(part)
             del man["parts"][part]
             removed.append(f"{st.name}/{part}")
             changed = True
         if changed:
             man["status"] = "running"
-            sd.remove_derived()
-            sd.write_manifest(man)
+            stage_dir.remove_derived()
+            stage_dir.write_manifest(man)
     return removed
 
 
@@ -168,35 +167,35 @@ def verify_outputs(ctx: Context, stages: list[Stage]) -> list[str]:
     redone shard equals the lost one and nothing downstream is invalidated."""
     damaged = []
     for st in stages:
-        sd = ctx.stage_dir(st.name)
-        man = sd.manifest()
+        stage_dir = ctx.stage_dir(st.name)
+        man = stage_dir.manifest()
         if not man:
             continue
         bad_here = []
         for part in man.get("parts", {}):
             for i in range(man.get("n_shards") or 0):
-                if not sd.sidecar_path(part, i).exists():
+                if not stage_dir.sidecar_path(part, i).exists():
                     continue
-                why = sd.verify_shard(part, i)
+                why = stage_dir.verify_shard(part, i)
                 if why:
-                    ctx.say(f"{st.name}: {sd.shard_path(part, i)} is damaged ({why}) — redoing it")
-                    sd.remove_shard(part, i)
+                    ctx.say(f"{st.name}: {stage_dir.shard_path(part, i)} is damaged ({why}) — redoing it")
+                    stage_dir.remove_shard(part, i)
                     bad_here.append(f"{st.name}/{part}/{shard_name(i)}")
         if bad_here:
             damaged += bad_here
             man["status"] = "running"
-            sd.remove_derived()
-            sd.write_manifest(man)
+            stage_dir.remove_derived()
+            stage_dir.write_manifest(man)
     return damaged
 
 
-def _require_rows(sd: StageDir) -> None:
+def _require_rows(stage_dir: StageDir) -> None:
     """A complete stage that kept no row at all stops the run, with the rejects' top reasons."""
-    c = (sd.manifest() or {}).get("counts") or {}
+    c = (stage_dir.manifest() or {}).get("counts") or {}
     if c and not c.get("out"):
         reasons = ", ".join(f"{k}: {v}" for k, v in list((c.get("reasons") or {}).items())[:5]) or "no input records"
-        raise PrepError(f"stage {sd.stage!r} produced no usable rows ({c.get('in', 0)} in, {c.get('rejected', 0)} "
-                        f"rejected: {reasons}); see {sd.root / REJECTS}")
+        raise PrepError(f"stage {stage_dir.stage!r} produced no usable rows ({c.get('in', 0)} in, {c.get('rejected', 0)} "
+                        f"rejected: {reasons}); see {stage_dir.root / REJECTS}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,12 +209,12 @@ def owner(groups: list[str], group: str, i: int, n_shards: int, world: int) -> i
 def run_stage(ctx: Context, stage: Stage) -> bool:
     """Run `stage` on this rank's unfinished shards; rank 0 then writes the manifest. Returns
     False when the stage was already complete for this config."""
-    sd = ctx.stage_dir(stage.name)
+    stage_dir = ctx.stage_dir(stage.name)
     want = ctx.plan[stage.name]
-    if is_complete(sd, want):
-        c = sd.manifest().get("counts", {})
+    if is_complete(stage_dir, want):
+        c = stage_dir.manifest().get("counts", {})
         ctx.say(f"{stage.name}: already complete for this config ({_count_line(c)}); skipping")
-        _require_rows(sd)
+        _require_rows(stage_dir)
         return False
     for need in stage.needs:
         if not is_complete(ctx.stage_dir(need), ctx.plan[need]):
@@ -223,26 +222,26 @@ def run_stage(ctx: Context, stage: Stage) -> bool:
                             f"`profuser prep CONFIG --stage {need}` first (or run all stages without --stage)")
     n = stage.n_shards(ctx)
     if ctx.dist.is_main:
-        sd.clean_tmp()
-        sd.write_manifest({"stage": stage.name, "status": "running", "n_shards": n, "parts": dict(want)})
+        stage_dir.clean_tmp()
+        stage_dir.write_manifest({"stage": stage.name, "status": "running", "n_shards": n, "parts": dict(want)})
     ctx.dist.barrier()
 
     groups = list(dict.fromkeys(stage.group(p) for p in want))
     todo: dict[str, list[int]] = {}
     for part in want:
-        mine = [i for i in range(n) if owner(groups, stage.group(part), i, n, ctx.dist.world) == ctx.dist.rank]
-        done = [i for i in mine if sd.is_done(part, i)]
+        my_shards = [i for i in range(n) if owner(groups, stage.group(part), i, n, ctx.dist.world) == ctx.dist.rank]
+        done = [i for i in my_shards if stage_dir.is_done(part, i)]
         if done:
-            ctx.log(f"{stage.name}/{part}: {len(done)} of {len(mine)} shards already done; skipping them "
+            ctx.log(f"{stage.name}/{part}: {len(done)} of {len(my_shards)} shards already done; skipping them "
                     f"({', '.join(shard_name(i) for i in done[:6])}{' ...' if len(done) > 6 else ''})")
-        todo[part] = [i for i in mine if i not in done]
+        todo[part] = [i for i in my_shards if i not in done]
     t0 = time.time()
     stage.run(ctx, {p: s for p, s in todo.items() if s})
     ctx.dist.barrier()
     if ctx.dist.is_main:
-        _finalize(ctx, stage, sd, n, time.time() - t0)
+        _finalize(ctx, stage, stage_dir, n, time.time() - t0)
     ctx.dist.barrier()
-    _require_rows(sd)
+    _require_rows(stage_dir)
     return True
 
 
@@ -266,28 +265,28 @@ def _count_line(c: dict) -> str:
     return line
 
 
-def _finalize(ctx: Context, stage: Stage, sd: StageDir, n: int, seconds: float) -> None:
+def _finalize(ctx: Context, stage: Stage, stage_dir: StageDir, n: int, seconds: float) -> None:
     want = ctx.plan[stage.name]
     parts, rejects = {}, []
     for part, v in want.items():
         infos = []
         for i in range(n):
-            if not sd.is_done(part, i):
+            if not stage_dir.is_done(part, i):
                 raise PrepError(f"{stage.name}/{part}: {shard_name(i)} is missing after every rank finished")
-            info = sd.sidecar(part, i)
+            info = stage_dir.sidecar(part, i)
             infos.append(info)
             rejects += [{"stage": stage.name, "part": part, "shard": i, **r} for r in info.get("rejects", [])]
         parts[part] = {"hash": v["hash"], "deps": v["deps"], "shards": [f"{shard_name(i)}.parquet" for i in range(n)],
                        "counts": _merge_counts(infos),
                        "seconds": round(sum(i.get("seconds", 0.0) for i in infos), 3),
                        "tokens": sum(i.get("tokens", 0) for i in infos)}
-    extra = stage.finalize(ctx, sd, parts, rejects)
-    atomic_write_text(sd.root / REJECTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    extra = stage.finalize(ctx, stage_dir, parts, rejects)
+    atomic_write_text(stage_dir.root / REJECTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
     counts = extra.pop("counts", None) or _merge_counts([p["counts"] for p in parts.values()])
-    sd.write_manifest({"stage": stage.name, "status": "complete", "n_shards": n, "parts": parts, "counts": counts,
-                       **extra, "world_size": ctx.dist.world, "wall_seconds": round(seconds, 3),
-                       "versions": library_versions()})
-    ctx.say(f"{stage.name}: done in {seconds:.1f}s — {_count_line(counts)}; rejects in {sd.root / REJECTS}")
+    stage_dir.write_manifest({"stage": stage.name, "status": "complete", "n_shards": n, "parts": parts, "counts": counts,
+                              **extra, "world_size": ctx.dist.world, "wall_seconds": round(seconds, 3),
+                              "versions": library_versions()})
+    ctx.say(f"{stage.name}: done in {seconds:.1f}s — {_count_line(counts)}; rejects in {stage_dir.root / REJECTS}")
     if len(parts) > 1:
         for p, v in parts.items():
             ctx.say(f"  {stage.name}/{p}: {_count_line(v['counts'])}")

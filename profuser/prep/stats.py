@@ -2,6 +2,8 @@
 
 Written to run_dir/prep/stats.json and, when W&B is enabled, logged to a `prep` run (offline
 unless an API key is configured; `wandb sync` uploads it later).
+
+Reads the stage outputs only; it never changes them.
 """
 from __future__ import annotations
 
@@ -11,9 +13,8 @@ from typing import Optional
 import numpy as np
 
 from profuser.config import wandb_mode
+from profuser.constants import PREP_MODES
 from profuser.prep.shards import atomic_write_json
-
-MODES = ("training", "inference")
 
 
 def collect_stats(ctx, selection: dict) -> dict:
@@ -27,21 +28,21 @@ def collect_stats(ctx, selection: dict) -> dict:
     scorers = [s.name for s in cfg.scorers]
     n = ctx.stage_dir("normalize").manifest()["n_shards"]
     scores = {sc: {s: [] for s in sources} for sc in scorers}
-    ce = {m: {s: [] for s in sources} for m in MODES}
-    bpb = {m: {s: [] for s in sources} for m in MODES}
+    ce = {m: {s: [] for s in sources} for m in PREP_MODES}
+    bpb = {m: {s: [] for s in sources} for m in PREP_MODES}
     score_dir, teacher_dir = ctx.stage_dir("score"), ctx.stage_dir("teacher")
     for i in range(n):
         for row in score_dir.read("scores", i).to_pylist():
             for j, src in enumerate(row["sources"]):
                 for sc in scorers:
                     scores[sc][src].append(row[f"score_{sc}"][j])
-        for m in MODES:
+        for m in PREP_MODES:
             for s in sources:
                 t = teacher_dir.read(f"{m}/{s}", i, ["ce", "text_nll", "text_bytes"]).to_pydict()
                 ce[m][s] += t["ce"]
                 bpb[m][s] += [a / (math.log(2) * b) for a, b in zip(t["text_nll"], t["text_bytes"]) if b]
     win = {}
-    for m in MODES:
+    for m in PREP_MODES:
         per = selection.get(m, {})
         total = sum(c["taught"] for c in per.values())
         firsts = sum(c["first"] for c in per.values())

@@ -1,5 +1,6 @@
 """Stage 4, teacher: each source teacher-forced on the ground truth (training mode) and the score
 winner on its own response (inference mode); per response token its top-k next-token distribution.
+It must never materialize a batch's [N, V] logits, nor cast logits to a half type before the top-k.
 
 Parts: `training/<source>` holds every source's rows on the reference, so the align stage can rank
 them by MinCE (profuser.selection) and the winner's distributions need no second pass;
@@ -39,26 +40,13 @@ from typing import Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
+from profuser.constants import PREP_MODES
+from profuser.prep.formats import teacher_table
 from profuser.prep.stages import (Context, Progress, Stage, free_memory, model_deps, read_records, sidecar_info,
-                                   up)
+                                   upstream_hashes)
 
 log = logging.getLogger("profuser")
 
-SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("mode", pa.string()),  # "training" | "inference"
-    pa.field("source", pa.string()),
-    pa.field("response", pa.string()),
-    pa.field("ce", pa.float64()),  # mean token CE over the response tokens (nats), template tail included
-    pa.field("n_tokens", pa.int32()),  # R
-    pa.field("text_nll", pa.float64()),  # NLL (nats) summed over the tokens that encode the response text
-    pa.field("text_bytes", pa.int32()),  # UTF-8 bytes of the response text
-    pa.field("text_tokens", pa.int32()),  # tokens counted in text_nll
-    pa.field("token_ids", pa.list_(pa.int32())),  # [R] the source's response token ids, incl. end of turn
-    pa.field("token_logprobs", pa.list_(pa.float16())),  # [R] log-prob of token_ids[r] (full vocab)
-    pa.field("topk_ids", pa.list_(pa.list_(pa.int32()))),  # [R, k]
-    pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16()))),  # [R, k], log-softmax over the full vocab
-])
 TEACHER_VERSION = 2  # bump when the rows change (2: text_nll/text_bytes/token_logprobs)
 
 
@@ -231,11 +219,11 @@ class _Launched:
             self.event.synchronize()
         nll, ids, lps = (t.numpy() for t in self.tensors)
         nll64 = nll.astype(np.float64)
-        out, at = [], 0
+        out, start = [], 0
         for r in self.n_resp:
-            out.append(TeacherOut(float(nll64[at:at + r].sum() / r) if r else float("nan"), ids[at:at + r],
-                                  lps[at:at + r].astype(np.float16), nll64[at:at + r]))
-            at += r
+            out.append(TeacherOut(float(nll64[start:start + r].sum() / r) if r else float("nan"), ids[start:start + r],
+                                  lps[start:start + r].astype(np.float16), nll64[start:start + r]))
+            start += r
         return out
 
 
@@ -299,37 +287,6 @@ def teacher_forward(model, seqs: list[list[int]], n_resp: list[int], k: int, chu
     return out
 
 
-def _nested(arrays: list[np.ndarray], dtype: pa.DataType, k: int) -> pa.Array:
-    """[R_i, k] arrays -> list<list<dtype>> without Python-level lists."""
-    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
-    rows = np.concatenate([[0], np.cumsum([a.shape[0] for a in arrays])]).astype(np.int32)
-    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, int(rows[-1]) * k + 1, k, dtype=np.int32)),
-                                     pa.array(flat.astype(dtype.to_pandas_dtype()), type=dtype))
-    return pa.ListArray.from_arrays(pa.array(rows), inner)
-
-
-def rows_to_table(rows: list[dict], k: int) -> pa.Table:
-    tok = [np.asarray(r["token_ids"], dtype=np.int32) for r in rows]
-    tok_off = pa.array(np.concatenate([[0], np.cumsum([len(t) for t in tok])]).astype(np.int32))
-    tlp = [np.asarray(r["token_logprobs"], dtype=np.float16) for r in rows]
-    flat = lambda xs, dt: pa.array(np.concatenate(xs) if xs else np.zeros(0, dt))  # noqa: E731
-    return pa.Table.from_arrays([
-        pa.array([r["id"] for r in rows], pa.string()),
-        pa.array([r["mode"] for r in rows], pa.string()),
-        pa.array([r["source"] for r in rows], pa.string()),
-        pa.array([r["response"] for r in rows], pa.string()),
-        pa.array([r["ce"] for r in rows], pa.float64()),
-        pa.array([len(t) for t in tok], pa.int32()),
-        pa.array([r["text_nll"] for r in rows], pa.float64()),
-        pa.array([r["text_bytes"] for r in rows], pa.int32()),
-        pa.array([r["text_tokens"] for r in rows], pa.int32()),
-        pa.ListArray.from_arrays(tok_off, flat(tok, np.int32)),
-        pa.ListArray.from_arrays(tok_off, flat(tlp, np.float16)),
-        _nested([r["topk_ids"] for r in rows], pa.int32(), k),
-        _nested([r["topk_logprobs"] for r in rows], pa.float16(), k),
-    ], schema=SCHEMA)
-
-
 @dataclass
 class _Item:
     """One (record, response) of one mode, encoded for this source."""
@@ -362,28 +319,29 @@ class TeacherStage(Stage):
         for m in cfg.sources:
             common = {"model": model_deps(m), "max_length": m.max_length or cfg.data.max_length,
                       "overlength": cfg.data.overlength, "topk": cfg.prep.topk, "version": TEACHER_VERSION}
-            out[f"training/{m.name}"] = {"upstream": up(plan, "normalize"), **common}
-            out[f"inference/{m.name}"] = {"upstream": {**up(plan, "normalize"), **up(plan, "score")}, **common}
+            out[f"training/{m.name}"] = {"upstream": upstream_hashes(plan, "normalize"), **common}
+            out[f"inference/{m.name}"] = {"upstream": upstream_hashes(plan, "normalize", "score"), **common}
         return out
 
     def group(self, part: str) -> str:
         return part.split("/", 1)[1]  # both modes of a source on one rank: one model load, row reuse
 
     # CPU side of one shard (helper thread) ------------------------------------------------
-    def _encode(self, ctx: Context, cm, items: list[tuple[dict, str]], mode: str, cache: dict
+    def _encode(self, ctx: Context, chat_model, items: list[tuple[dict, str]], mode: str, cache: dict
                 ) -> tuple[list[_Item], list[dict]]:
         from profuser.chat import OverLength, encode_chat
 
-        cfg, src = ctx.cfg, cm.name
-        max_len = cm.spec.max_length or cfg.data.max_length
-        special = cm.tokenizer.all_special_ids
+        cfg, src = ctx.cfg, chat_model.name
+        max_len = chat_model.spec.max_length or cfg.data.max_length
+        special = chat_model.tokenizer.all_special_ids
         out, rejects = [], []
         for rec, resp in items:
             key = (rec["id"], resp)
             if key not in cache:
                 try:
-                    enc = encode_chat(cm.tokenizer, cm.template, rec["messages"], resp, max_len, cfg.data.overlength)
-                    cache[key] = (enc, np.asarray(enc.text_tokens(resp, special), dtype=bool))
+                    enc = encode_chat(chat_model.tokenizer, chat_model.template, rec["messages"], resp, max_len,
+                                      cfg.data.overlength)
+                    cache[key] = (enc, enc.text_tokens(resp, special))
                 except OverLength as e:
                     cache[key] = ("over_length", f"{src}: {e} (data.overlength={cfg.data.overlength})")
                 except Exception as e:  # noqa: BLE001 — a template that cannot render this response
@@ -395,14 +353,14 @@ class TeacherStage(Stage):
             out.append(_Item(rec, mode, resp, enc, extra))
         return out, rejects
 
-    def _prepare(self, ctx: Context, cm, i: int, training: bool, inference: bool) -> _ShardJob:
-        src, sd = cm.name, ctx.stage_dir(self.name)
+    def _prepare(self, ctx: Context, chat_model, i: int, training: bool, inference: bool) -> _ShardJob:
+        src, stage_dir = chat_model.name, ctx.stage_dir(self.name)
         job = _ShardJob(i, read_records(ctx, i))
         cache: dict = {}
         if training:
             job.n_in["training"] = len(job.records)
             job.items["training"], job.rejects["training"] = self._encode(
-                ctx, cm, [(r, r["reference"]) for r in job.records], "training", cache)
+                ctx, chat_model, [(r, r["reference"]) for r in job.records], "training", cache)
         if inference:
             won = {r["id"] for r in ctx.stage_dir("score").read("scores", i, ["id", "winner"]).to_pylist()
                    if r["winner"] == src}
@@ -412,13 +370,13 @@ class TeacherStage(Stage):
             job.n_in["inference"] = len(items)
             same = {r["id"] for r, resp in items if resp == r["reference"]}
             if same and not training:  # the training shard was finished in an earlier run: reuse its rows
-                job.reused = {r["id"]: r for r in sd.read(f"training/{src}", i).to_pylist() if r["id"] in same}
+                job.reused = {r["id"]: r for r in stage_dir.read(f"training/{src}", i).to_pylist() if r["id"] in same}
             job.items["inference"], job.rejects["inference"] = self._encode(
-                ctx, cm, [it for it in items if it[0]["id"] not in job.reused], "inference", cache)
+                ctx, chat_model, [it for it in items if it[0]["id"] not in job.reused], "inference", cache)
         return job
 
     # device side of one shard (main thread) -----------------------------------------------
-    def _forward(self, ctx: Context, cm, job: _ShardJob, bar: Progress) -> tuple[dict, dict]:
+    def _forward(self, ctx: Context, chat_model, job: _ShardJob, bar: Progress) -> tuple[dict, dict]:
         """Every unique sequence of the shard (both modes) forwarded once, length-sorted batches.
         Returns ({sequence: TeacherOut}, {mode: tokens forwarded for sequences it needed first})."""
         cfg = ctx.cfg
@@ -433,8 +391,8 @@ class TeacherStage(Stage):
         unique = list(seqs)
         batches = plan_batches([len(u) - 1 for u in unique], cfg.prep.batch_tokens, cfg.prep.batch_size)
         results = {}
-        pad = cm.tokenizer.pad_token_id or 0
-        for idx, outs in forward_batches(cm.model, [list(u) for u in unique], [seqs[u] for u in unique], batches,
+        pad = chat_model.tokenizer.pad_token_id or 0
+        for idx, outs in forward_batches(chat_model.model, [list(u) for u in unique], [seqs[u] for u in unique], batches,
                                          cfg.prep.topk, cfg.prep.chunk_tokens, pad):
             for j, o in zip(idx, outs):
                 results[unique[j]] = o
@@ -444,16 +402,16 @@ class TeacherStage(Stage):
             forwarded[first[u]] += len(u) - 1
         return results, forwarded
 
-    def _rows(self, cm, items: list[_Item], results: dict, rejects: list[dict]) -> list[dict]:
+    def _rows(self, chat_model, items: list[_Item], results: dict, rejects: list[dict]) -> list[dict]:
         rows = []
         for it in items:
             o = results[tuple(it.enc.input_ids)]
             if not math.isfinite(o.ce) or np.isnan(o.topk_logprobs).any():
                 what = f"CE is {o.ce}" if not math.isfinite(o.ce) else "NaN in the top-k log-probs"
-                rejects.append({"id": it.rec["id"], "mode": it.mode, "source": cm.name, "kind": "non_finite_ce",
-                                "reason": f"{cm.name} teacher-forced on the {it.mode} response: {what}"})
+                rejects.append({"id": it.rec["id"], "mode": it.mode, "source": chat_model.name, "kind": "non_finite_ce",
+                                "reason": f"{chat_model.name} teacher-forced on the {it.mode} response: {what}"})
                 continue
-            rows.append({"id": it.rec["id"], "mode": it.mode, "source": cm.name, "response": it.response,
+            rows.append({"id": it.rec["id"], "mode": it.mode, "source": chat_model.name, "response": it.response,
                          "ce": o.ce, "text_nll": float(o.nll[it.text].sum()),
                          "text_bytes": len(it.response.encode("utf-8", "surrogatepass")),
                          "text_tokens": int(it.text.sum()), "token_ids": it.enc.input_ids[it.enc.prompt_len:],
@@ -461,17 +419,17 @@ class TeacherStage(Stage):
                          "topk_logprobs": o.topk_logprobs})
         return rows
 
-    def _shard(self, ctx: Context, cm, job: _ShardJob, bar: Progress, write) -> None:
-        src, k = cm.name, ctx.cfg.prep.topk
+    def _shard(self, ctx: Context, chat_model, job: _ShardJob, bar: Progress, write) -> None:
+        src, k = chat_model.name, ctx.cfg.prep.topk
         t0 = time.time()
-        results, forwarded = self._forward(ctx, cm, job, bar)
+        results, forwarded = self._forward(ctx, chat_model, job, bar)
         seconds = time.time() - t0
         total = sum(forwarded.values())
         share = {m: seconds * (f / total if total else 1 / len(forwarded)) for m, f in forwarded.items()}
         train_rows = None
         if "training" in job.items:
             rejects = job.rejects["training"]
-            train_rows = self._rows(cm, job.items["training"], results, rejects)
+            train_rows = self._rows(chat_model, job.items["training"], results, rejects)
             write(f"training/{src}", job.i, train_rows, k,
                   sidecar_info(job.n_in["training"], len(train_rows), rejects, share["training"],
                                sum(len(r["token_ids"]) for r in train_rows),
@@ -479,7 +437,7 @@ class TeacherStage(Stage):
                                tok_per_s=round(total / max(seconds, 1e-9), 1)))
         if "inference" in job.items:
             rejects = job.rejects["inference"]
-            rows = self._rows(cm, job.items["inference"], results, rejects)
+            rows = self._rows(chat_model, job.items["inference"], results, rejects)
             by_id = {r["id"]: r for r in rows}
             by_id.update({i: {**r, "mode": "inference"} for i, r in job.reused.items()})
             reused = len(job.reused)
@@ -496,7 +454,7 @@ class TeacherStage(Stage):
         bar.update(len(job.records), 0)
 
     def run(self, ctx: Context, todo: dict[str, list[int]]) -> None:
-        sd = ctx.stage_dir(self.name)
+        stage_dir = ctx.stage_dir(self.name)
         writer = ThreadPoolExecutor(1, thread_name_prefix="teacher-write")  # Arrow + Parquet off the compute thread
         reader = ThreadPoolExecutor(1, thread_name_prefix="teacher-read")  # the next shard's reading and encoding
         writes: list[Future] = []  # in submission order, which is the (single) writer's completion order
@@ -507,7 +465,7 @@ class TeacherStage(Stage):
                 writes.pop(0).result()
 
         def write(part: str, i: int, rows: list[dict], k: int, info: dict) -> None:
-            writes.append(writer.submit(lambda: sd.commit(part, i, rows_to_table(rows, k), info)))
+            writes.append(writer.submit(lambda: stage_dir.commit(part, i, teacher_table(rows), info)))
             drain(2)  # bounds the rows held in memory
 
         try:
@@ -516,34 +474,34 @@ class TeacherStage(Stage):
                 tr, inf = set(todo.get(f"training/{src}", [])), set(todo.get(f"inference/{src}", []))
                 if not tr and not inf:
                     continue
-                cm = ctx.loader(spec)
+                chat_model = ctx.loader(spec)
                 shards = sorted(tr | inf)
                 bar = Progress(ctx, sum(ctx.stage_dir("normalize").num_rows("records", i) for i in shards),
                                f"teacher {src}")
-                nxt = reader.submit(self._prepare, ctx, cm, shards[0], shards[0] in tr, shards[0] in inf)
+                nxt = reader.submit(self._prepare, ctx, chat_model, shards[0], shards[0] in tr, shards[0] in inf)
                 for n, i in enumerate(shards):
                     job = nxt.result()
                     if n + 1 < len(shards):
                         j = shards[n + 1]
-                        nxt = reader.submit(self._prepare, ctx, cm, j, j in tr, j in inf)
-                    self._shard(ctx, cm, job, bar, write)
+                        nxt = reader.submit(self._prepare, ctx, chat_model, j, j in tr, j in inf)
+                    self._shard(ctx, chat_model, job, bar, write)
                 bar.close()
                 drain(0)
-                del cm, job, nxt
+                del chat_model, job, nxt
                 free_memory()
         finally:
             reader.shutdown(wait=True)
             writer.shutdown(wait=True)
         drain(0)
 
-    def finalize(self, ctx, sd, parts, rejects):
+    def finalize(self, ctx, stage_dir, parts, rejects):
         """Per-source summary lines: mean bits per byte and nats per token on the ground truth, and
         the forward throughput per part."""
         import pyarrow.compute as pc
 
         n = ctx.stage_dir("normalize").manifest()["n_shards"]
         for m in ctx.cfg.sources:
-            tables = [sd.read(f"training/{m.name}", i, ["ce", "text_nll", "text_bytes"]) for i in range(n)]
+            tables = [stage_dir.read(f"training/{m.name}", i, ["ce", "text_nll", "text_bytes"]) for i in range(n)]
             table = pa.concat_tables(tables) if tables else None
             if table is None or table.num_rows == 0:
                 continue
@@ -553,11 +511,11 @@ class TeacherStage(Stage):
                     f"{table.num_rows} responses)")
         speed = {}
         for part, v in parts.items():
-            fwd = sum(sd.sidecar(part, i).get("forward_tokens", 0) for i in range(n))
+            fwd = sum(stage_dir.sidecar(part, i).get("forward_tokens", 0) for i in range(n))
             speed[part] = {"forward_tokens": fwd, "response_tokens": v.get("tokens", 0), "seconds": v.get("seconds", 0),
                            "tok_per_s": round(fwd / v["seconds"], 1) if v.get("seconds") else None}
         for m in ctx.cfg.sources:
-            ps = [speed.get(f"{mode}/{m.name}", {}) for mode in ("training", "inference")]
+            ps = [speed.get(f"{mode}/{m.name}", {}) for mode in PREP_MODES]
             fwd, sec = sum(p.get("forward_tokens", 0) for p in ps), sum(p.get("seconds", 0) for p in ps)
             if sec:
                 ctx.say(f"teacher: {m.name}: {fwd / sec:,.0f} tok/s forwarded ({fwd:,} tokens in {sec:.1f}s)")
@@ -565,7 +523,7 @@ class TeacherStage(Stage):
 
 
 def _as_arrays(row: dict, k: int) -> dict:
-    """A row read back from Parquet (nested lists) in the in-memory form rows_to_table takes."""
+    """A row read back from Parquet (nested lists) in the in-memory form teacher_table takes."""
     if isinstance(row["topk_ids"], np.ndarray):
         return row
     return {**row, "topk_ids": np.asarray(row["topk_ids"], dtype=np.int32).reshape(-1, k),

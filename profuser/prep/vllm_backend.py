@@ -14,6 +14,8 @@ tensor_parallel_size t therefore sees GPUs [r*t, (r+1)*t) of what is visible; wh
 are visible, the rank is already pinned. CUDA_VISIBLE_DEVICES is changed only while the engine
 starts (its worker processes inherit it) and restored after, so the rest of this process (the
 teacher stage on cuda:LOCAL_RANK) keeps seeing the whole node.
+
+Never imports vllm unless this backend is selected (it is an optional dependency).
 """
 from __future__ import annotations
 
@@ -183,14 +185,14 @@ class VLLMGenerator:
 
     mode = "vllm"
 
-    def __init__(self, spec, cm, gcfg, max_length: int, run_seed: int, say: Callable[[str], None] = print,
+    def __init__(self, spec, chat_model, gcfg, max_length: int, run_seed: int, say: Callable[[str], None] = print,
                  environ=os.environ):
         from vllm import LLM  # noqa: imported only for this backend
 
         from profuser.models import check_no_pickle
 
         check_no_pickle(spec.path, spec.allow_pickle, spec.name)
-        self.g, self.stop = gcfg, stop_ids(cm)
+        self.g, self.stop = gcfg, stop_ids(chat_model)
         count = None
         if not environ.get("CUDA_VISIBLE_DEVICES"):
             import torch  # counts devices without creating a CUDA context

@@ -1,6 +1,7 @@
 """Entry point under a launcher: ``deepspeed --module profuser.train CONFIG [key.sub=value ...] [--data DIR]``.
 
 Also ``python -m profuser.train CONFIG ...`` (one process); ``profuser train`` is the same command.
+It parses arguments and calls ``profuser.train.run.train``: it must never hold training logic.
 """
 from __future__ import annotations
 
@@ -36,22 +37,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from profuser.config import ConfigError, load_config
+    from profuser.check import load_and_preflight
     from profuser.models import ModelLoadError
     from profuser.train.checkpoint import CheckpointError
     from profuser.train.dataset import TrainingSetError
     from profuser.train.run import train
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if not getattr(args, "skip_check", False):
-        from profuser.check import preflight
-
-        if not preflight(cfg, "train", data_dir=args.data):
-            return 1
+    cfg, code = load_and_preflight(args, "train", data_dir=args.data)
+    if cfg is None:
+        return code
     try:
         train(cfg, data=args.data)
     except TrainingSetError as e:

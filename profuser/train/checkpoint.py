@@ -1,5 +1,6 @@
 """Checkpoints are unpickled on resume (DeepSpeed reads its *_states.pt with weights_only=False, the
-Trainer its RNG state): only files this project wrote are loaded.
+Trainer its RNG state): only files this project wrote are loaded. This module never unpickles
+anything itself: it hashes and signs files, and checks them before anything else is loaded.
 
 When a checkpoint is complete, rank 0 writes ``profuser-digest.json`` into it: the sha256 of every
 file that is not safetensors (safetensors cannot run code; they hold most of the bytes), and an

@@ -3,7 +3,8 @@
 The DataLoader only groups samples (:class:`RawBatch`); which modes a step trains on depends on the
 step, so the trainer calls :func:`collate` once it knows the step (``FusionTrainer.get_batch_samples``).
 Padding is dynamic (to the longest sequence of the mode's sub-batch). The teacher stays sparse:
-``topk_ids`` / ``topk_logprobs`` are [B, T, k]; nothing here is ever [B, T, V], and no loss math is done.
+``topk_ids`` / ``topk_logprobs`` are [B, T, k]; this module must never build a [B, T, V] tensor, and
+never does loss math.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from profuser.constants import IGNORE_INDEX
 
 
 class RawBatch(list):

@@ -4,7 +4,8 @@ One row per sample id (docs/ARCHITECTURE.md, "Stage contracts"): ``id``, ``meta`
 (inference, training), ``{m}_input_ids``, ``{m}_labels``, ``{m}_teacher``, ``{m}_teacher_score``,
 ``{m}_topk_ids`` [T, k] int32 (-1 = none) and ``{m}_topk_logprobs`` [T, k] float16 — all null when
 the mode is absent for the sample. The shards are loaded with ``datasets`` (memory-mapped Arrow),
-and a row becomes numpy arrays: the sparse teacher stays [T, k].
+and a row becomes numpy arrays: the sparse teacher stays [T, k]. It must never densify the teacher,
+and never repair a malformed row: it raises TrainingSetError naming the row.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler as TransformersLengthGroupedSampler
 
-from profuser.schedule import MODES
+from profuser.constants import MODES
+from profuser.prep.formats import BUILD_FIELDS
 
-FIELDS = ("input_ids", "labels", "teacher", "teacher_score", "topk_ids", "topk_logprobs")
-REQUIRED = ("id",) + tuple(f"{m}_{f}" for m in MODES for f in FIELDS)
+REQUIRED = ("id",) + tuple(f"{m}_{f}" for m in MODES for f in BUILD_FIELDS)
 
 
 class TrainingSetError(ValueError):
@@ -49,7 +51,10 @@ def shard_paths(path: str | Path) -> list[Path]:
 
 
 def _list2d(arr: pa.Array, what: str) -> Optional[np.ndarray]:
-    """One list<list<x>> value (an array of length 1) -> [T, k] numpy, or None when null."""
+    """One list<list<x>> value (an array of length 1) -> [T, k] numpy, or None when null.
+
+    Not ``formats.unnest``: that needs k up front, turns a null into an empty array, and checks only
+    the total count, not that every row holds k entries; here k is read from the row and a ragged row is an error."""
     if arr.null_count:
         return None
     rows = arr.flatten()  # list<x>, length T
@@ -83,7 +88,7 @@ class FusionDataset(torch.utils.data.Dataset):
         missing = [c for c in REQUIRED if c not in ds.column_names]
         if missing:
             raise TrainingSetError(f"training set {str(path)!r} lacks columns {missing}; expected the build "
-                                   f"stage's schema (id, meta, {{mode}}_{{{','.join(FIELDS)}}})")
+                                   f"stage's schema (id, meta, {{mode}}_{{{','.join(BUILD_FIELDS)}}})")
         if len(ds) == 0:
             raise TrainingSetError(f"training set {str(path)!r} has no rows")
         self.path = Path(path)
@@ -151,33 +156,22 @@ class FusionDataset(torch.utils.data.Dataset):
         return out
 
 
-class LengthGroupedSampler(torch.utils.data.Sampler):
-    """Random order in which runs of ``group_size`` consecutive samples have similar lengths.
+class LengthGroupedSampler(TransformersLengthGroupedSampler):
+    """transformers' LengthGroupedSampler (random order in which runs of up to 50 batches are sorted
+    by length, the longest sample first, so an out-of-memory shows at step 1) with its generator
+    reseeded from (seed, epoch) at every iteration: a resumed run and every rank draw the same order.
 
-    A pure function of (seed, epoch) — ``set_epoch`` is called by the Trainer — so a resumed run
-    draws the same order. The longest group comes first, so an out-of-memory shows at step 1.
+    The Trainer calls ``set_epoch``; transformers' own sampler draws from the global torch RNG instead.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega_batch_mult: int | None = None):
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        super().__init__(batch_size, lengths=list(lengths), generator=torch.Generator())
         self.seed = seed
         self.epoch = 0
-        if mega_batch_mult is None:  # as transformers' LengthGroupedSampler: up to 50 batches per group
-            mega_batch_mult = max(1, min(len(self.lengths) // (batch_size * 4), 50))
-        self.group_size = mega_batch_mult * batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return len(self.lengths)
-
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(len(self.lengths), generator=g).tolist()
-        groups = [sorted(perm[i:i + self.group_size], key=lambda j: -self.lengths[j])
-                  for i in range(0, len(perm), self.group_size)]
-        longest = max(range(len(groups)), key=lambda gi: self.lengths[groups[gi][0]])
-        groups[0], groups[longest] = groups[longest], groups[0]
-        return iter([j for group in groups for j in group])
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()

@@ -8,7 +8,8 @@ and the output projection, so no [B, T, V] logits tensor is ever built. It must 
 the model's forward does between the last hidden state and the logits; that is known per causal-LM
 class (transformers 5), listed in ``_HEADS`` and checked against each model's real forward in
 tests/test_fused_loss.py. Any other model (remote code, a subclass, PEFT, a quantized or otherwise
-non-``nn.Linear`` head) takes the logits path, and the trainer logs why.
+non-``nn.Linear`` head) takes the logits path, and the trainer logs why. This module must never build
+[B, T, V] logits, and never take the fused path for a head it has not matched in ``_HEADS``.
 """
 from __future__ import annotations
 

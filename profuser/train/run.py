@@ -1,4 +1,5 @@
 """The training recipe: setup (args, tokenizer, data, model, W&B), train (resuming), save the final model.
+It must never hold loss or schedule math (profuser.losses, profuser.schedule, profuser.train.trainer).
 
     profuser train CONFIG [key.sub=value ...] [--data DIR]                 # one process
     deepspeed --num_gpus N --module profuser.train CONFIG [...]            # N processes per node

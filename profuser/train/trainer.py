@@ -1,4 +1,5 @@
-"""FusionTrainer: progressive two-mode distillation as a ``transformers.Trainer``.
+"""FusionTrainer: progressive two-mode distillation as a ``transformers.Trainer``. It must never densify
+the teacher nor average a loss per micro-batch: losses are sums, divided by the step's token counts.
 
 Per optimizer step (``get_batch_samples``, which sees the whole accumulated batch):
   1. mode weights (w_inf, w_train) = profuser.schedule.mode_weights(step, total steps); a mode with
@@ -47,8 +48,9 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer
 
+from profuser.constants import MODES
 from profuser.losses import fusion_loss
-from profuser.schedule import MODES, draw_modes, mode_weights, preset_beta, sampling_scale
+from profuser.schedule import draw_modes, mode_weights, preset_beta, sampling_scale
 from profuser.train.collator import RawBatch, collate, count_targets, placeholder_mode
 from profuser.train.dataset import LengthGroupedSampler
 from profuser.train.fused import choose_loss_path, fused_forward
