@@ -119,6 +119,9 @@ def test_surfaces_follow_added_tokens():
     assert new_id >= before and new_id in sp.ids.tolist()
     assert surfaces(tok, new_id).surfaces[new_id] == b"<tool>"
     assert len(surfaces(tok).surfaces) == before + 1
+    # an id past the vocabulary (a model head padded beyond the tokenizer) is no reason to rebuild
+    table = surfaces(tok)
+    assert surfaces(tok, len(tok) + 100) is table
 
 
 def test_byte_pieces_align_one_to_one(toks):
