@@ -28,7 +28,7 @@ from typing import Optional
 from profuser.config import ConfigError, ModelConfig, RunConfig, load_config, missing_paths
 
 COMMANDS = ("check", "prep", "train", "eval")
-SAMPLE_ROWS = 256  # rows formatted with every model by the preflight of prep (check: the target on all rows)
+SAMPLE_ROWS = 256  # rows formatted with every model by the preflight of prep (check: every row)
 
 
 @dataclass

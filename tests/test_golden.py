@@ -11,8 +11,8 @@ The runs train in this process on the logits-free fused path, without DeepSpeed;
 tests/test_train_e2e.py pins DeepSpeed's two-rank steps to these single-process ones (rel 2e-4).
 
 The training set is cached_training_set: the OLMo-2 target and two teachers that all use the
-chatml_bpe tokenizer, whose `tokenizers` BPE training gives the same vocabulary in every process
-(the Unigram family's does not, so it is left out).
+chatml_bpe tokenizer (every fixture tokenizer is the same in every process:
+tests/test_models.py::test_fixture_tokenizers_are_the_same_in_every_process).
 """
 from __future__ import annotations
 
