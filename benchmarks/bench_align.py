@@ -21,7 +21,9 @@ Per pair, printed as one JSON object:
   of source tokens with p=0.05 each (0.05 left to the tail). mass_kept_one_to_one: the earlier rule
   (exact-surface vocabulary map, 1:1 spans), over its own aligned positions.
 - tgt_tokens_per_s: the project's whole per-text path (tokenize both sides with offsets, exact byte
-  spans, project the rows) over all texts; vocabulary tables are built once per pair, outside.
+  spans, project the rows with every step of the rule, the target trie's included) over all texts;
+  vocabulary tables and the target's trie are built once per pair, outside (their build times are
+  printed: pair_tables_build_s, target_trie_build_s).
 - reference_fusellm_mined: FuseLLM's MinED as published (`dtw` + the hard one-to-one rule of
   `transform_step_logits`: raw token strings, `▁`/`Ġ` removed for the edit distance and swapped for
   the equality test), pure Python, on the first --ref-samples texts; speedup_vs_reference = the
@@ -32,8 +34,7 @@ Per pair, printed as one JSON object:
 - exact_ceiling: share of target tokens whose character span equals the span of exactly one source
   token (the most the 1:1 rule could reach).
 - vocab_mapped_share: share of regular source tokens with a target counterpart: identical surface
-  (exact), longest target prefix (prefix, the default), FuseLLM's string map; and the time to build
-  the pair's tables.
+  (exact), longest target prefix (prefix, the default), FuseLLM's string map.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ from profuser.align import align_text, response_tokens, surfaces  # noqa: E402
 from profuser.chat import BUILTIN_TEMPLATES, end_of_turn_id  # noqa: E402
 from profuser.tiny import FAMILIES, build_tokenizer, corpus_lines  # noqa: E402
 from profuser.transfer import project  # noqa: E402
-from profuser.vocab_map import build_vocab_map, map_topk, pair_tables  # noqa: E402
+from profuser.vocab_map import build_vocab_map, map_topk, pair_tables, prefix_trie  # noqa: E402
 
 
 def load_texts(n_max: int) -> tuple[list[str], str]:
@@ -211,7 +212,7 @@ def synthetic_topk(src_tok, texts, k: int = 10, seed: int = 0):
     return [(rows[a:b], lp[a:b], np.full(b - a, np.log(0.5))) for a, b in zip(bounds, bounds[1:])], rows, lp
 
 
-def project_run(src_tok, tgt_tok, texts, rows, first, by_byte, k: int = 10):
+def project_run(src_tok, tgt_tok, texts, rows, first, by_byte, trie, k: int = 10):
     """The project's rule over every text: (seconds, target tokens, covered, kept-share sum)."""
     surf = surfaces(src_tok)
     t0 = time.perf_counter()
@@ -219,7 +220,7 @@ def project_run(src_tok, tgt_tok, texts, rows, first, by_byte, k: int = 10):
     kept = 0.0
     for text, (top, lp, obs) in zip(texts, rows):
         src, tgt = response_tokens(src_tok, text, 0, text), response_tokens(tgt_tok, text, 0, text)
-        tr = project(src, tgt, len(text.encode("utf-8")), surf, first, by_byte, top, lp, obs, k)
+        tr = project(src, tgt, len(text.encode("utf-8")), surf, first, by_byte, top, lp, obs, k, trie=trie)
         n += len(tgt.ids)
         hit += int(tr.covered.sum())
         kept += float(tr.kept[tr.covered].sum())
@@ -232,11 +233,14 @@ def measure(src, src_eot, tgt, tgt_eot, texts, ref_texts) -> dict:
     t0 = time.perf_counter()
     first, by_byte = pair_tables(src, tgt, "prefix", {src_eot: tgt_eot})
     t_tables = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trie = prefix_trie(tgt)
+    t_trie = time.perf_counter() - t0
     exact = build_vocab_map(src, tgt, "exact", {src_eot: tgt_eot})
     per_text, rows, lp = synthetic_topk(src, texts)
-    project_run(src, tgt, texts[:2], per_text[:2], first, by_byte)  # warm-up
-    t_proj, n_proj, hit_proj, kept_proj = project_run(src, tgt, texts, per_text, first, by_byte)
-    t_sub, n_sub, _, _ = project_run(src, tgt, ref_texts, per_text[:len(ref_texts)], first, by_byte)
+    project_run(src, tgt, texts[:2], per_text[:2], first, by_byte, trie)  # warm-up
+    t_proj, n_proj, hit_proj, kept_proj = project_run(src, tgt, texts, per_text, first, by_byte, trie)
+    t_sub, n_sub, _, _ = project_run(src, tgt, ref_texts, per_text[:len(ref_texts)], first, by_byte, trie)
     t_one, n_one, hit_one = one_to_one_run(src, tgt, texts)
     t_mined, n_mined = mined_run(src, tgt, ref_texts)
     t0 = time.perf_counter()
@@ -270,6 +274,7 @@ def measure(src, src_eot, tgt, tgt_eot, texts, ref_texts) -> dict:
                                "prefix": round(float((first[regular] >= 0).mean()), 4),
                                "fusellm_string": round(float((ref_map[regular[:len(ref_map)]] >= 0).mean()), 4)},
         "pair_tables_build_s": round(t_tables, 2),
+        "target_trie_build_s": round(t_trie, 2),
     }
 
 

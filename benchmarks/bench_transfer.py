@@ -10,18 +10,25 @@ learn them from its one-hot labels alone.
 
 For every tokenizer family Y of profuser.tiny (chatml_bpe, vicuna_spm, gemma_unigram):
 - a teacher per family is trained (SFT, same steps, same --teacher-sentences sentences) on its own
-  tokenizer and chat template, so the teacher of family Y and the teachers of the other families are
-  "of the same quality" (their held-out bits per byte are printed);
+  tokenizer and chat template, its weights kept every --snapshot-every steps with their held-out
+  bits per byte. The families do not reach the same quality in the same steps (the Unigram fixture
+  ends weakest), so for each pair X -> Y the two teachers are matched: the weaker family's final
+  teacher, and the stronger family's snapshot whose held-out bits per byte is closest to it (both
+  printed under "teachers");
 - a student of family Y starts from the same random init each time and is trained with the same
   steps on the same --student-sentences sentences by
     (a) SFT only (CE on the labels),
     (b) the project's distillation (profuser.losses.fusion_loss, forward KL, beta 1) from the
-        same-tokenizer teacher (the rows copied, as the align stage's copy path does),
-    (c) the project's distillation from each cross-tokenizer teacher X through the align stage's own
-        functions (profuser.prep.align_stage.align_sample: response re-tokenized, projected by
-        profuser.transfer, vocabulary tables by profuser.vocab_map);
+        same-tokenizer teacher of the pair's quality (the rows copied, as the align stage's copy path
+        does),
+    (c) the project's distillation from the cross-tokenizer teacher X of the same quality through the
+        align stage's own functions (profuser.prep.align_stage.align_sample: response re-tokenized,
+        projected by profuser.transfer with the target's trie, vocabulary tables by
+        profuser.vocab_map);
 - each student's held-out bits per byte of response text (the tokens that encode the text, end of
-  turn excluded, over its UTF-8 bytes) on fresh sentences of the same chain.
+  turn excluded, over its UTF-8 bytes) on fresh sentences of the same chain;
+- tv_to_same_tokenizer_teacher: the mean total-variation distance between (c)'s rows and (b)'s rows
+  at the student's positions (no training involved: a low-noise view of the same question).
 
 transfer_efficiency(X -> Y) = (bpb_a - bpb_c) / (bpb_a - bpb_b): 1 means the cross-tokenizer teacher
 helps as much as a same-tokenizer one. Goal >= 0.8 for every pair. Printed twice, side by side:
@@ -112,8 +119,12 @@ class ChatSide:
         return build_model(self.arch, len(self.tokenizer), seed, self.tokenizer, hidden=64, layers=2)
 
 
-def train(model, rows: list[dict], steps: int, lr: float, batch: int, seed: int, pad: int, rest: str = "other"):
-    """AdamW on fusion_loss over random batches of `rows` (CE only where a row has no teacher)."""
+def train(model, rows: list[dict], steps: int, lr: float, batch: int, seed: int, pad: int, rest: str = "other",
+          snapshots: list | None = None, every: int = 25):
+    """AdamW on fusion_loss over random batches of `rows` (CE only where a row has no teacher). With
+    `snapshots`, (step, copy of the weights) is appended every `every` steps and at the end."""
+    import copy
+
     import torch
 
     from profuser.losses import fusion_loss
@@ -122,7 +133,7 @@ def train(model, rows: list[dict], steps: int, lr: float, batch: int, seed: int,
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         idx = torch.randint(len(rows), (min(batch, len(rows)),), generator=gen).tolist()
         b = collate_mode([rows[i] for i in idx], pad)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -130,6 +141,8 @@ def train(model, rows: list[dict], steps: int, lr: float, batch: int, seed: int,
         opt.zero_grad()
         parts.mean().backward()
         opt.step()
+        if snapshots is not None and ((step + 1) % every == 0 or step + 1 == steps):
+            snapshots.append((step + 1, copy.deepcopy(model.state_dict())))
     model.eval()
     return model
 
@@ -176,7 +189,8 @@ def teacher_rows(teacher, side: ChatSide, sents: list[str]) -> list[dict]:
     return out
 
 
-def distill_rows(student: ChatSide, teacher: ChatSide, trows: list[dict], rule: str) -> tuple[list[dict], dict]:
+def distill_rows(student: ChatSide, teacher: ChatSide, trows: list[dict], rule: str,
+                 trie: bool = True) -> tuple[list[dict], dict]:
     """Student rows with the teacher's distributions re-expressed on the student's tokens.
 
     rule "after": the align stage's align_sample (copy path for identical tokenizers, else
@@ -185,14 +199,15 @@ def distill_rows(student: ChatSide, teacher: ChatSide, trows: list[dict], rule: 
     from profuser.align import align_response, same_tokenizer
     from profuser.chat import split_response
     from profuser.prep.align_stage import Pair, Target, align_sample
-    from profuser.vocab_map import aligned_topk, build_vocab_map, pair_tables
+    from profuser.vocab_map import aligned_topk, build_vocab_map, pair_tables, prefix_trie
 
     pairs = {teacher.eot: student.eot}
     same = same_tokenizer(teacher.tokenizer, student.tokenizer)
     first, by_byte = pair_tables(teacher.tokenizer, student.tokenizer, "prefix", pairs)
     exact = build_vocab_map(teacher.tokenizer, student.tokenizer, "exact", pairs)
-    pair = Pair(teacher.family, teacher, teacher.eot, same, same and teacher.eot == student.eot, first, by_byte,
-                1.0, "spans")
+    copy = same and teacher.eot == student.eot
+    pair = Pair(teacher.family, teacher, teacher.eot, same, copy, first, by_byte, 1.0, "spans",
+                prefix_trie(student.tokenizer) if trie and not copy else None)
     tgt = Target(student, student.eot, 4096)
     msgs = PROMPT
     rows, covered, positions = [], 0, 0
@@ -226,6 +241,25 @@ def distill_rows(student: ChatSide, teacher: ChatSide, trows: list[dict], rule: 
     return rows, {"coverage": round(covered / positions, 4)}
 
 
+def row_distance(rows: list[dict], same: list[dict]) -> float:
+    """Mean total-variation distance between the transferred teacher rows and the same-family
+    teacher's own rows, over the response positions where both have entries (each row's entries
+    plus its "other" bucket): how far the signal that reaches a student is from the one a teacher of
+    its own family would give. No student is trained for it, so it is far less noisy than the
+    efficiency (it also counts where the two teachers simply disagree)."""
+    tv, n = 0.0, 0
+    for r, q in zip(rows, same):
+        pos = np.flatnonzero((np.asarray(r["topk_ids"])[:, 0] >= 0) & (np.asarray(q["topk_ids"])[:, 0] >= 0)
+                             & (np.asarray(q["labels"]) >= 0))
+        for p in pos:
+            a = {int(i): math.exp(float(v)) for i, v in zip(r["topk_ids"][p], r["topk_logprobs"][p]) if i >= 0}
+            b = {int(i): math.exp(float(v)) for i, v in zip(q["topk_ids"][p], q["topk_logprobs"][p]) if i >= 0}
+            diff = sum(abs(a.get(i, 0.0) - b.get(i, 0.0)) for i in a.keys() | b.keys())
+            tv += 0.5 * (diff + abs(sum(b.values()) - sum(a.values())))
+            n += 1
+    return tv / max(n, 1)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher-sentences", type=int, default=3000, help="sentences each teacher is trained on")
@@ -233,6 +267,10 @@ def main(argv=None) -> None:
     p.add_argument("--held-out", type=int, default=200, help="fresh sentences for the bits-per-byte figures")
     p.add_argument("--teacher-steps", type=int, default=400, help="teacher training steps (batch 32)")
     p.add_argument("--student-steps", type=int, default=150, help="student training steps (batch 16)")
+    p.add_argument("--no-trie", action="store_true",
+                   help="run the 'after' rule without its trie steps (profuser.transfer steps 3, 5, 6), as first built")
+    p.add_argument("--snapshot-every", type=int, default=25,
+                   help="keep each teacher's weights every N steps, for matching teacher quality between families")
     p.add_argument("--seed", type=int, default=0, help="seed of the chain, the data and the inits")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these tiny models, and on a loaded machine)")
     p.add_argument("--seeds", default=None,
@@ -256,14 +294,38 @@ def main(argv=None) -> None:
     held_out = sentences(chain, args.held_out, args.seed + 3)
     sides = {f: ChatSide(f) for f in FAMS}
 
-    teachers, teacher_bpb = {}, {}
+    # every teacher is trained the same way, with its weights kept every --snapshot-every steps and
+    # their held-out bits per byte measured: the families do not reach the same quality in the same
+    # steps, so each pair compares teachers of matched quality (below)
+    curves, teacher_bpb = {}, {}
     for f, side in sides.items():
         t0 = time.time()
-        teachers[f] = train(side.model(args.seed + 10), sft_rows(side, teach_sents), args.teacher_steps, 3e-3, 32,
-                            args.seed, side.tokenizer.pad_token_id)
-        teacher_bpb[f] = round(bits_per_byte(teachers[f], side, held_out), 4)
-        say(f"teacher {f}: held-out {teacher_bpb[f]} bits/byte ({time.time() - t0:.0f}s)")
-    trows = {f: teacher_rows(teachers[f], sides[f], student_sents) for f in FAMS}
+        snaps: list = []
+        train(side.model(args.seed + 10), sft_rows(side, teach_sents), args.teacher_steps, 3e-3, 32, args.seed,
+              side.tokenizer.pad_token_id, snapshots=snaps, every=args.snapshot_every)
+        probe = side.model(args.seed + 10)
+        curves[f] = []
+        for step, weights in snaps:
+            probe.load_state_dict(weights)
+            probe.eval()
+            curves[f].append((step, round(bits_per_byte(probe, side, held_out), 4), weights))
+        teacher_bpb[f] = curves[f][-1][1]
+        say(f"teacher {f}: held-out {teacher_bpb[f]} bits/byte after {args.teacher_steps} steps ({time.time() - t0:.0f}s)")
+
+    def matched(f: str, level: float) -> tuple[int, float]:
+        """(step, bpb) of family f's snapshot whose held-out bits per byte is closest to `level`."""
+        step, bpb, _ = min(curves[f], key=lambda c: (abs(c[1] - level), -c[0]))
+        return step, bpb
+
+    row_cache: dict = {}
+
+    def trows(f: str, step: int) -> list[dict]:
+        if (f, step) not in row_cache:
+            m = sides[f].model(args.seed + 10)
+            m.load_state_dict(next(w for s_, _, w in curves[f] if s_ == step))
+            m.eval()
+            row_cache[(f, step)] = teacher_rows(m, sides[f], student_sents)
+        return row_cache[(f, step)]
 
     def student(y: str, rows: list[dict], rest: str) -> float:
         s = sides[y]
@@ -276,24 +338,30 @@ def main(argv=None) -> None:
                          "student_sentences": args.student_sentences, "held_out": args.held_out},
               "teacher_bpb": teacher_bpb, "pairs": {}}
     rests = {"after": "other", "before": "renormalize"}
+    b_cache: dict = {}
     for y in FAMS:
         sy = sides[y]
         bpb_a = student(y, sft_rows(sy, student_sents), "other")
-        bpb_b = {}
-        for rule, rest in rests.items():
-            rows, _ = distill_rows(sy, sides[y], trows[y], rule)
-            bpb_b[rule] = student(y, rows, rest)
-        say(f"student {y}: sft {bpb_a}, same-tokenizer teacher {bpb_b}")
+        say(f"student {y}: sft {bpb_a}")
         for x in FAMS:
             if x == y:
                 continue
-            entry = {"bpb_sft": bpb_a}
+            # teachers of the same quality: the stronger family's snapshot closest to the weaker's final
+            level = max(teacher_bpb[x], teacher_bpb[y])
+            (sx, vx), (sy_step, vy) = matched(x, level), matched(y, level)
+            entry = {"bpb_sft": bpb_a, "teachers": {"cross": {"family": x, "step": sx, "bpb": vx},
+                                                    "same": {"family": y, "step": sy_step, "bpb": vy}}}
             for rule, rest in rests.items():
-                rows, info = distill_rows(sy, sides[x], trows[x], rule)
+                same_rows = distill_rows(sy, sides[y], trows(y, sy_step), rule)[0]
+                if (y, sy_step, rule) not in b_cache:
+                    b_cache[(y, sy_step, rule)] = student(y, same_rows, rest)
+                bpb_b = b_cache[(y, sy_step, rule)]
+                rows, info = distill_rows(sy, sides[x], trows(x, sx), rule, trie=not args.no_trie)
                 bpb_c = student(y, rows, rest)
-                gain = bpb_a - bpb_b[rule]
-                entry[rule] = {"bpb_same_tokenizer_teacher": bpb_b[rule], "bpb_cross_tokenizer_teacher": bpb_c,
+                gain = bpb_a - bpb_b
+                entry[rule] = {"bpb_same_tokenizer_teacher": bpb_b, "bpb_cross_tokenizer_teacher": bpb_c,
                                "coverage": info["coverage"],
+                               "tv_to_same_tokenizer_teacher": round(row_distance(rows, same_rows), 4),
                                "transfer_efficiency": round((bpb_a - bpb_c) / gain, 3) if gain > 0 else None}
             say(f"{x} -> {y}: {json.dumps(entry)}")
             result["pairs"][f"{x} -> {y}"] = entry
@@ -342,6 +410,8 @@ def over_seeds(args, argv: list[str]) -> None:
             effs = [e["transfer_efficiency"] for e in per if e["transfer_efficiency"] is not None]
             entry[rule] = {"transfer_efficiency": round(float((a - c) / (a - b)), 3) if a > b else None,
                            "per_seed": [e["transfer_efficiency"] for e in per],
+                           "tv_to_same_tokenizer_teacher": round(float(np.mean(
+                               [e.get("tv_to_same_tokenizer_teacher", np.nan) for e in per])), 4),
                            "min": min(effs, default=None), "max": max(effs, default=None)}
         summary[pair] = entry
     teacher_bpb = {f: round(float(np.mean([runs[s]["teacher_bpb"][f] for s in seeds])), 4)

@@ -17,23 +17,45 @@ its template bytes being given, and no alternatives, see step 2):
    token whose surface is the LONGEST PREFIX of sigma's remaining surface (`vocab_map.prefix_table`;
    identical surfaces first). Candidates with no such target token, or whose surface ends at a,
    are lost mass.
-3. The observed path. The target label t_j gets the probability of its own text along the tokens
+3. The target's own boundary. When the target token before t_j ends at a, a continuation that
+   token would have swallowed (its text followed by the candidate's starts a longer target token)
+   cannot follow it: such candidates of 2 are dropped, and the position's entries are divided by
+   the probability that is left (1 minus the dropped mass).
+4. The observed path. The target label t_j gets the probability of its own text along the tokens
    the source actually used (chain rule): p(s_i)/Z, times p(s_m) for every source token lying
    wholly inside [d, b), times — when the last covered source token s_l runs past b — the
    probability that s_l starts with text[start(s_l):b] (the candidates of row l with that prefix,
    observed included). A t_j that ends inside s_i gets p(s_i)/Z (the source's own continuation).
-4. Duplicates (several candidates landing on one target id) are merged by log-sum-exp; the k most
-   probable entries are kept. Nothing is renormalized: the entries' total is the share of the
-   teacher's probability the position carries, and the loss puts the rest in an "other" bucket
-   (profuser.losses.teacher_buckets).
+5. Later rows of the observed path. When t_j spans several source tokens, each later row m
+   (i < m <= l) offers the continuations that leave the observed text at start(m): candidate tau
+   (other than s_m, and for a partly covered s_l other than those counted in 4) gives
+   p(observed path up to start(m)) * p(tau) to the target token whose surface is the longest prefix
+   of text[a:start(m)] + surface(tau).
+6. The row after. When s_l ends exactly at b, row l+1 says how the text goes on; a candidate tau
+   (other than the observed s_{l+1}) for which text[a:b] + surface(tau) starts a target token longer
+   than t_j moves p(t_j) * p(tau) from the label to that token (the target would have swallowed
+   it into one token).
+7. Duplicates (several candidates landing on one target id) are merged by log-sum-exp; the k most
+   probable entries are kept, the label always among them. Nothing is renormalized (except by 3):
+   the entries' total is the share of the teacher's probability the position carries, and the loss
+   puts the rest in an "other" bucket (profuser.losses.teacher_buckets).
+
+Steps 3, 5 and 6 need the target vocabulary as a byte trie (vocab_map.PrefixTrie, the `trie`
+argument; without it only 1, 2, 4 and 7 run, which is the rule as first built); with `exact_only`
+(prep.vocab_mapping exact/soft) the trie only matches whole surfaces.
 
 Approximations, stated: the target is assumed to start a continuation with the longest vocabulary
 prefix of it (greedy, as BPE usually but not always does); continuations other than the observed
-one are followed for one source step only (their later tokens are unknown); top-k mass outside the
-stored entries is unknown, so conditioning uses the stored candidates plus the observed token.
-Positions whose head (delta > 0) or partially covered tail token is not byte-exact (normalizer
-rewrites, `<unk>`), or whose bytes no source token covers, get no distribution. The end-of-turn
-tokens of the two templates are paired explicitly.
+one are followed for one source step only (their later tokens are unknown: a candidate `Ġ` that
+was not chosen gives its mass to the target's bare space, not to the words that would follow);
+top-k mass outside the stored entries is unknown, so conditioning uses the stored candidates plus
+the observed token, and 3 drops only stored candidates. Positions whose head (delta > 0) or
+partially covered tail token is not byte-exact (normalizer rewrites, `<unk>`), or whose bytes no
+source token covers, get no distribution; 5 and 6 skip target tokens that are not byte-exact,
+start in the template or are the end of turn, and 3 those whose previous target token is not
+byte-exact or starts in the template. The end-of-turn tokens of the two templates are paired
+explicitly. Measured (transfer efficiency, and which steps earn their place): README, "Does the
+transferred signal carry the teacher's knowledge?".
 """
 from __future__ import annotations
 
@@ -43,7 +65,7 @@ from typing import Optional
 import numpy as np
 
 from profuser.align import ResponseTokens, Surfaces, surface_mismatch
-from profuser.vocab_map import PAD_ID, merge_entries
+from profuser.vocab_map import PAD_ID, PrefixTrie, merge_entries, trie_continue, trie_states
 
 
 @dataclass
@@ -77,7 +99,8 @@ def _logsumexp_rows(lp: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surfaces,
             first: np.ndarray, prefix_tab: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray,
             token_logprobs: np.ndarray, k: int, eot: Optional[tuple[int, int]] = None,
-            pairs: Optional[np.ndarray] = None) -> Transfer:
+            pairs: Optional[np.ndarray] = None, trie: Optional[PrefixTrie] = None,
+            exact_only: bool = False) -> Transfer:
     """Teacher distributions for the target response tokens by the rule in the module docstring.
 
     src/tgt: response-region tokens of the two renderings (profuser.align.response_tokens); n_resp:
@@ -166,7 +189,38 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
     tgt_id[straddle[J]] = PAD_ID
     alt_lp = np.where(tgt_id >= 0, clp - logZ[:, None], -np.inf)
 
-    # 3. the observed path: the label's own text along the source tokens actually used
+    # 3. the target's own boundary at a: a continuation that the target's previous token would have
+    # swallowed (its text + the candidate starts a longer target token) cannot follow it; such
+    # candidates are dropped and the position is renormalized over the rest
+    use = trie is not None and pairs is None
+    renorm = np.zeros(len(J))
+    if use:
+        # every byte-exact target token's own text, walked once: the trie state after each of its bytes
+        walk_ok = tgt.exact & (tgt.starts >= 0) & (b > tgt.starts)
+        t_len = np.where(walk_ok, b - tgt.starts, 0)
+        t_node, t_best, t_blen = trie_states(trie, tb, src.base + np.maximum(tgt.starts, 0), t_len)
+
+        def walk(t: np.ndarray, off: np.ndarray, ids: np.ndarray, skip: np.ndarray):
+            # target token t's first `off` bytes, then source token ids' surfaces from byte skip on
+            return trie_continue(trie, t_node[t, off], off, t_best[t, off], t_blen[t, off], surf, ids, skip,
+                                 exact_only)
+
+        pj = J - 1
+        pjs = np.maximum(pj, 0)
+        prev_ok = (pj >= 0) & ~straddle[J] & tgt.exact[pjs] & (tgt.starts[pjs] >= 0) & (tgt.ends[pjs] == a[J])
+        lost = np.zeros(len(J))
+        rr, cc = np.nonzero((tgt_id >= 0) & prev_ok[:, None])
+        if len(rr):
+            width = t_len[pjs[rr]]
+            g, glen = walk(pjs[rr], width, cand[rr, cc], dJ[rr])
+            bad = (g >= 0) & (glen > width)
+            rr, cc = rr[bad], cc[bad]
+            np.add.at(lost, rr, np.exp(alt_lp[rr, cc]))
+            tgt_id[rr, cc] = PAD_ID
+            alt_lp[rr, cc] = -np.inf
+        renorm = -np.log(np.clip(1.0 - lost, 1e-6, 1.0))
+
+    # 4. the observed path: the label's own text along the source tokens actually used
     lJ = last[J]
     cum = np.concatenate(([0.0], np.cumsum(obs_lp)))
     inner = np.where(lJ > hJ, cum[lJ] - cum[np.minimum(hJ + 1, lJ)], 0.0)  # tokens head+1 .. last-1
@@ -183,8 +237,89 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
         tail[P] = np.logaddexp(_logsumexp_rows(top_lp[lJ[P]], match), np.where(obs_in, -np.inf, obs_lp[lJ[P]]))
     label_lp = obs_lp[hJ] - logZ + inner + tail
 
-    merged_ids, merged_lp = merge_entries(np.concatenate([tgt_id, tgt.ids[J][:, None]], axis=1),
-                                          np.concatenate([alt_lp, label_lp[:, None]], axis=1), k)
+    extra_ids, extra_lp = [tgt_id, tgt.ids[J][:, None]], [alt_lp, None]
+    if trie is not None and pairs is None:
+        walkable = tgt.exact[J] & ~straddle[J] & (tgt.starts[J] >= 0)
+        if eot is not None and eot[1] is not None:
+            walkable &= J != eot[1]
+        aJ, bJ = a[J], b[J]
+        path0 = obs_lp[hJ] - logZ  # log p(text from a to the end of the head token)
+        # 5. later rows of the observed path (head < m <= last): other continuations after text[a:start(m)]
+        cnt = np.where(walkable, lJ - hJ, 0)
+        if cnt.sum():
+            jj = np.repeat(np.arange(len(J)), cnt)
+            mm = hJ[jj] + 1 + (np.arange(len(jj)) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+            rc, rlp = top[mm], top_lp[mm]  # [Q, K]
+            ok_c = (rc >= 0) & (rc < len(surf.lengths)) & (rc != obs[mm][:, None])
+            ok_c &= ~surf.special[np.clip(rc, 0, len(surf.lengths) - 1)]
+            at_tail = tp[jj] & (mm == lJ[jj])
+            if at_tail.any():  # candidates sharing the label's tail text are in the label already
+                rr, cc = np.nonzero(ok_c & at_tail[:, None])
+                L = bJ[jj[rr]] - s_st[mm[rr]]
+                ok_c[rr, cc] &= ~prefix_match(surf, rc[rr, cc], tb, src.base + s_st[mm[rr]], L)
+            rr, cc = np.nonzero(ok_c)
+            q_j = jj[rr]
+            g, _ = walk(J[q_j], s_st[mm[rr]] - aJ[q_j], rc[rr, cc], np.zeros(len(rr), dtype=np.int64))
+            before = path0[q_j] + cum[mm[rr]] - cum[hJ[q_j] + 1]  # log p(text a .. start(m))
+            glp = before + rlp[rr, cc]
+            if len(rr):
+                width = int(np.bincount(q_j, minlength=len(J)).max())
+                slot = np.arange(len(rr)) - np.searchsorted(q_j, q_j)  # q_j is sorted
+                wi = np.full((len(J), width), PAD_ID, dtype=np.int64)
+                wl = np.full((len(J), width), -np.inf)
+                wi[q_j, slot] = np.where(g >= 0, g, PAD_ID)
+                wl[q_j, slot] = np.where(g >= 0, glp, -np.inf)
+                extra_ids.append(wi)
+                extra_lp.append(wl)
+        # 6. the row after: when the last source token ends exactly at b, row last+1 tells which
+        # continuations a longer target token would swallow; that mass moves off the label
+        nxt = lJ + 1
+        look = walkable & ~tp & (s_en[lJ] == bJ) & (nxt < n)
+        look &= np.where(look, s_st[np.minimum(nxt, n - 1)] == bJ, False)
+        if look.any():
+            Lk = np.flatnonzero(look)
+            r = nxt[Lk]
+            rc, rlp = top[r], top_lp[r]
+            ok_c = (rc >= 0) & (rc < len(surf.lengths)) & (rc != obs[r][:, None])
+            ok_c &= ~surf.special[np.clip(rc, 0, len(surf.lengths) - 1)]
+            rr, cc = np.nonzero(ok_c)
+            q = Lk[rr]
+            width_b = bJ[q] - aJ[q]
+            g, glen = walk(J[q], width_b, rc[rr, cc], np.zeros(len(rr), dtype=np.int64))
+            longer = (g >= 0) & (glen > width_b)
+            rr, cc, q, g = rr[longer], cc[longer], q[longer], g[longer]
+            if len(rr):
+                moved = np.zeros(len(J))
+                np.add.at(moved, q, np.exp(rlp[rr, cc]))
+                width = int(np.bincount(rr, minlength=len(Lk)).max())
+                slot = np.arange(len(rr)) - np.searchsorted(rr, rr)
+                wi = np.full((len(J), width), PAD_ID, dtype=np.int64)
+                wl = np.full((len(J), width), -np.inf)
+                wi[q, slot] = g
+                wl[q, slot] = label_lp[q] + rlp[rr, cc]
+                extra_ids.append(wi)
+                extra_lp.append(wl)
+                with np.errstate(divide="ignore"):
+                    label_lp = label_lp + np.log(np.clip(1.0 - moved, 0.0, 1.0))
+    extra_lp[1] = label_lp[:, None]
+    all_ids = np.concatenate(extra_ids, axis=1)
+    all_lp = np.concatenate(extra_lp, axis=1) + renorm[:, None]
+    merged_ids, merged_lp = merge_entries(all_ids, all_lp, k)
+    # the label keeps a place among the k entries: its probability (the observed path) is the exact
+    # part of the rule, the alternatives the approximate one
+    lab = tgt.ids[J]
+    miss = np.flatnonzero(~(merged_ids == lab[:, None]).any(axis=1))
+    if len(miss):
+        lab_lp = _logsumexp_rows(all_lp[miss], all_ids[miss] == lab[miss][:, None])
+        miss, lab_lp = miss[np.isfinite(lab_lp)], lab_lp[np.isfinite(lab_lp)]
+        if len(miss):
+            merged_ids[miss], merged_lp[miss] = merge_entries(
+                np.concatenate([merged_ids[miss, :k - 1], lab[miss][:, None]], axis=1),
+                np.concatenate([merged_lp[miss, :k - 1], lab_lp[:, None]], axis=1), k)
+    # the rules' pieces partition the head row's mass; rounding (and renormalizing over stored
+    # candidates only) can still push the total a hair past 1
+    tot = _logsumexp_rows(merged_lp.astype(np.float64), merged_ids >= 0)
+    merged_lp = np.where(merged_ids >= 0, merged_lp - np.maximum(tot, 0.0)[:, None], -np.inf).astype(np.float32)
     ids_out[J], lps_out[J] = merged_ids, merged_lp
     kept = np.zeros(m)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -124,6 +125,124 @@ def prefix_table(src_tok, tgt_tok, exact_only: bool = False) -> np.ndarray:
                 best = index.get(piece, best)
             out[o + d] = best
     return out
+
+
+@dataclass
+class PrefixTrie:
+    """The target vocabulary's surfaces as a byte trie (node 0 = the empty prefix), for the longest
+    target token that starts a byte string built from two pieces: a stretch of observed text and a
+    source candidate's surface (profuser.transfer). Built from the same canonical ids as
+    prefix_table (_target_index)."""
+    keys: np.ndarray  # int64, sorted: parent node * 256 + byte
+    child: np.ndarray  # int64 [len(keys)]: the node that edge leads to
+    term: np.ndarray  # int64 [nodes]: canonical target id whose surface is the node's prefix, -1 none
+
+
+_TRIES: dict[str, PrefixTrie] = {}
+
+
+def prefix_trie(tgt_tok) -> PrefixTrie:
+    """The PrefixTrie of `tgt_tok`'s vocabulary, cached per tokenizer fingerprint in this process
+    (one pass over the surfaces: about 2 s for a 262k vocabulary)."""
+    t = surfaces(tgt_tok)
+    key = f"{t.fingerprint}:{len(t.surfaces)}"
+    if key in _TRIES:
+        return _TRIES[key]
+    index = _target_index(t)
+    node: dict[bytes, int] = {b"": 0}
+    keys: list[int] = []
+    for s in index:
+        for n in range(1, len(s) + 1):
+            p = s[:n]
+            if p not in node:
+                keys.append(node[p[:-1]] * 256 + p[-1])
+                node[p] = len(node)
+    term = np.full(len(node), -1, dtype=np.int64)
+    for s, i in index.items():
+        term[node[s]] = i
+    k = np.asarray(keys, dtype=np.int64)
+    order = np.argsort(k, kind="stable")
+    trie = PrefixTrie(k[order], np.arange(1, len(node), dtype=np.int64)[order], term)
+    _TRIES[key] = trie
+    return trie
+
+
+def trie_states(trie: PrefixTrie, text: np.ndarray, start: np.ndarray, length: np.ndarray):
+    """Walk text[start[q] : start[q] + length[q]] for every query q, keeping the state after each byte:
+    (node, best id, best length), each int64 [Q, max(length) + 1], column L = after L bytes. node is
+    -1 once the text has left the trie; best is the longest target surface seen so far (-1, 0 none)."""
+    Q = len(start)
+    W = int(length.max(initial=0)) + 1
+    node = np.full((Q, W), -1, dtype=np.int64)
+    best = np.full((Q, W), -1, dtype=np.int64)
+    blen = np.zeros((Q, W), dtype=np.int64)
+    node[:, 0] = 0
+    cur = np.zeros(Q, dtype=np.int64)
+    cb = np.full(Q, -1, dtype=np.int64)
+    cl = np.zeros(Q, dtype=np.int64)
+    alive = np.flatnonzero(length > 0)
+    for i in range(W - 1):
+        if alive.size and len(trie.keys):
+            key = cur[alive] * 256 + text[np.clip(start[alive] + i, 0, len(text) - 1)].astype(np.int64)
+            pos = np.minimum(np.searchsorted(trie.keys, key), len(trie.keys) - 1)
+            found = trie.keys[pos] == key
+            cur[alive[~found]] = -1
+            alive, pos = alive[found], pos[found]
+            cur[alive] = trie.child[pos]
+            tm = trie.term[cur[alive]]
+            hit = tm >= 0
+            cb[alive[hit]], cl[alive[hit]] = tm[hit], i + 1
+            alive = alive[length[alive] > i + 1]
+        else:
+            alive = alive[:0]
+        node[:, i + 1] = np.where(length > i, cur, -1)
+        best[:, i + 1], blen[:, i + 1] = cb, cl
+    return node, best, blen
+
+
+def trie_continue(trie: PrefixTrie, node: np.ndarray, done: np.ndarray, best: np.ndarray, best_len: np.ndarray,
+                  surf: Surfaces, ids: np.ndarray, skip: np.ndarray, exact: bool = False):
+    """Go on from trie states (trie_states: node after `done` bytes, longest match so far) with source
+    token ids[q]'s surface from byte skip[q] on: (target id, length in bytes) of the longest target
+    surface that is a prefix of the whole string — with `exact`, only one equal to it — else (-1, 0)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    total = done + surf.lengths[ids] - skip
+    best = np.where(total == done, best, -1) if exact else np.asarray(best, dtype=np.int64).copy()
+    best_len = np.where(best >= 0, best_len, 0).astype(np.int64)
+    node = np.asarray(node, dtype=np.int64).copy()
+    at = surf.offsets[ids] + skip - done  # flat index of string byte i (i >= done) = at + i
+    alive = np.flatnonzero((node >= 0) & (total > done))
+    i = done.copy()
+    while alive.size and len(trie.keys):
+        byte = surf.flat[np.clip(at[alive] + i[alive], 0, len(surf.flat) - 1)].astype(np.int64)
+        key = node[alive] * 256 + byte
+        pos = np.minimum(np.searchsorted(trie.keys, key), len(trie.keys) - 1)
+        found = trie.keys[pos] == key
+        alive, pos = alive[found], pos[found]
+        node[alive] = trie.child[pos]
+        i[alive] += 1
+        tm = trie.term[node[alive]]
+        hit = (tm >= 0) & ((total[alive] == i[alive]) if exact else True)
+        best[alive[hit]], best_len[alive[hit]] = tm[hit], i[alive[hit]]
+        alive = alive[total[alive] > i[alive]]
+    return best, best_len
+
+
+def trie_walk(trie: PrefixTrie, text: np.ndarray, start: np.ndarray, length: np.ndarray, surf: Surfaces,
+              ids: np.ndarray, skip: np.ndarray, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """For every query q, the byte string text[start[q] : start[q] + length[q]] followed by source
+    token ids[q]'s surface from byte skip[q] on: (target id, its length in bytes) of the longest
+    target surface that is a prefix of the string — with `exact`, only one equal to the whole
+    string — else (-1, 0). Vectorized over the queries, one trie step per byte (trie_states, then
+    trie_continue; profuser.transfer walks each target token's text once and continues from it)."""
+    start, length = np.asarray(start, dtype=np.int64), np.asarray(length, dtype=np.int64)
+    Q = len(ids)
+    if Q == 0:
+        return np.full(0, -1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    node, best, blen = trie_states(trie, text, start, length)
+    r = np.arange(Q)
+    return trie_continue(trie, node[r, length], length, best[r, length], blen[r, length], surf, ids,
+                         np.asarray(skip, dtype=np.int64), exact)
 
 
 def _soft_fill(out: np.ndarray, s: Surfaces, t: Surfaces, max_ratio: float, budget: int = 4_000_000) -> None:

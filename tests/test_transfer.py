@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from profuser.align import response_tokens, surfaces
 from profuser.transfer import project
-from profuser.vocab_map import pair_tables
+from profuser.vocab_map import _target_index, pair_tables, prefix_trie
 from text_strategies import FAMILIES, texts
 
 PROPS = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -77,14 +77,26 @@ def synthetic_rows(tok, ids: np.ndarray, seed: int, k: int = K, byte_probs=None,
     return top, lps, obs_lp
 
 
-def reference(src, tgt, n_resp, s, first, by_byte, top, lps, obs_lp, k, eot=None):
-    """The rule of profuser.transfer, one position at a time with dicts (slow, readable)."""
-    t_index = {}
+def longest_target(index: dict, string: bytes, exact: bool = False):
+    """(target id, length) of the longest target surface that is a prefix of `string` (with exact:
+    equal to it), else (-1, 0): a dict lookup per length."""
+    for L in ([len(string)] if exact else range(len(string), 0, -1)):
+        if string[:L] in index:
+            return index[string[:L]], L
+    return -1, 0
+
+
+def reference(src, tgt, n_resp, s, first, by_byte, top, lps, obs_lp, k, eot=None, t_index=None, exact=False):
+    """The rule of profuser.transfer, one position at a time with dicts (slow, readable). With
+    `t_index` (the target's surface -> id dict, vocab_map._target_index) the trie steps run too:
+    the target's own boundary, the observed path's later rows and the row after it."""
     m = len(tgt.ids)
     out_ids = np.full((m, k), -1, dtype=np.int64)
     out_lp = np.full((m, k), -np.inf)
     n = len(src.ids)
     text = src.text.tobytes()
+    V = len(s.surfaces)
+    P = lambda v: math.exp(v)  # noqa: E731
 
     def covering(byte):
         for i in range(n):
@@ -92,9 +104,22 @@ def reference(src, tgt, n_resp, s, first, by_byte, top, lps, obs_lp, k, eot=None
                 return i
         return None
 
+    def row_of(i):
+        return [(int(c), float(v)) for c, v in zip(top[i], lps[i]) if c >= 0]
+
+    def conditioned(i, consumed):
+        """Row i's candidates whose surface starts with `consumed`, and their normalizer."""
+        row = row_of(i)
+        cons = [(c, v) for c, v in row if c < V and s.surfaces[c].startswith(consumed)]
+        obs_in = any(c == src.ids[i] for c, _ in row)
+        return cons, sum(P(v) for _, v in cons) + (0.0 if obs_in else P(obs_lp[i]))
+
     for j in range(m):
         a, b = int(tgt.starts[j]), int(tgt.ends[j])
-        if eot is not None and eot[1] == j and eot[0] is not None:
+        is_eot = eot is not None and eot[1] == j and eot[0] is not None
+        straddle = a < 0 < b
+        a = max(a, 0)
+        if is_eot:
             i = last = eot[0]
             d, tail_partial = 0, False
         else:
@@ -111,37 +136,82 @@ def reference(src, tgt, n_resp, s, first, by_byte, top, lps, obs_lp, k, eot=None
                 continue
             if tail_partial and not src.exact[last]:
                 continue
-        row = [(int(c), float(v)) for c, v in zip(top[i], lps[i]) if c >= 0]
-        consumed = text[src.base + src.starts[i]: src.base + src.starts[i] + d]
-        cons = [(c, v) for c, v in row if c < len(s.surfaces) and s.surfaces[c].startswith(consumed)] if d else row
-        obs_in = any(c == src.ids[i] for c, _ in row)
-        Z = (sum(math.exp(v) for _, v in cons) + (0.0 if obs_in else math.exp(obs_lp[i]))) if d else 1.0
-        entries = defaultdict(float)
+        if d:
+            cons, Z = conditioned(i, text[src.base + src.starts[i]: src.base + src.starts[i] + d])
+        else:
+            cons, Z = row_of(i), 1.0
+        head = []  # (candidate, skip, target id, probability) from row i
         for c, v in cons:
-            if c == src.ids[i] or c >= len(s.surfaces) or len(s.surfaces[c]) <= d:
+            if c == src.ids[i] or c >= V or len(s.surfaces[c]) <= d:
                 continue
             if d and s.special[c]:
                 continue
             tid = first[c] if d == 0 else by_byte[s.offsets[c] + d]
-            if tid >= 0:
-                entries[int(tid)] += math.exp(v) / Z
-        label = math.exp(obs_lp[i]) / Z
+            if tid >= 0 and not straddle:
+                head.append((c, d, int(tid), P(v) / Z))
+        trie = t_index is not None
+        renorm = 1.0
+        if trie and j >= 1 and not straddle and tgt.exact[j - 1] and tgt.starts[j - 1] >= 0 and tgt.ends[j - 1] == a:
+            before = text[src.base + tgt.starts[j - 1]: src.base + a]
+            lost, keep = 0.0, []
+            for c, skip, tid, p in head:
+                g, L = longest_target(t_index, before + s.surfaces[c][skip:], exact)
+                if g >= 0 and L > len(before):
+                    lost += p
+                else:
+                    keep.append((c, skip, tid, p))
+            head = keep
+            renorm = 1.0 / min(max(1.0 - lost, 1e-6), 1.0)
+        entries = defaultdict(float)
+        for _, _, tid, p in head:
+            entries[tid] += p
+        label = P(obs_lp[i]) / Z
+        path = [label]  # path[x - i]: p(text from a to the start of source token x + 1)
         for x in range(i + 1, last):
-            label *= math.exp(obs_lp[x])
+            label *= P(obs_lp[x])
+            path.append(label)
         if last > i:
             if tail_partial:
                 need = text[src.base + src.starts[last]: src.base + b]
-                tail_row = [(int(c), float(v)) for c, v in zip(top[last], lps[last]) if c >= 0]
-                mass = sum(math.exp(v) for c, v in tail_row if c < len(s.surfaces) and s.surfaces[c].startswith(need))
+                tail_row = row_of(last)
+                mass = sum(P(v) for c, v in tail_row if c < V and s.surfaces[c].startswith(need))
                 if not any(c == src.ids[last] for c, _ in tail_row):
-                    mass += math.exp(obs_lp[last])
+                    mass += P(obs_lp[last])
                 label *= mass
             else:
-                label *= math.exp(obs_lp[last])
+                label *= P(obs_lp[last])
+        walkable = trie and tgt.exact[j] and not straddle and int(tgt.starts[j]) >= 0 and not is_eot
+        if walkable:
+            for x in range(i + 1, last + 1):  # the observed path's later rows
+                for c, v in row_of(x):
+                    if c >= V or c == src.ids[x] or s.special[c]:
+                        continue
+                    if x == last and tail_partial and s.surfaces[c].startswith(
+                            text[src.base + src.starts[last]: src.base + b]):
+                        continue
+                    g, _ = longest_target(t_index, text[src.base + a: src.base + src.starts[x]] + s.surfaces[c], exact)
+                    if g >= 0:
+                        entries[g] += path[x - 1 - i] * P(v)
+            r = last + 1
+            if not tail_partial and src.ends[last] == b and r < n and src.starts[r] == b:  # the row after
+                moved = 0.0
+                for c, v in row_of(r):
+                    if c >= V or c == src.ids[r] or s.special[c]:
+                        continue
+                    g, L = longest_target(t_index, text[src.base + a: src.base + b] + s.surfaces[c], exact)
+                    if g >= 0 and L > b - a:
+                        entries[g] += label * P(v)
+                        moved += P(v)
+                label *= max(1.0 - moved, 0.0)
         entries[int(tgt.ids[j])] += label
-        best = sorted(((p, t) for t, p in entries.items() if p > 0), key=lambda x: (-x[0], x[1]))[:k]
+        ranked = sorted(((p * renorm, t) for t, p in entries.items() if p > 0), key=lambda x: (-x[0], x[1]))
+        best = ranked[:k]
+        label_entry = [e for e in ranked if e[1] == int(tgt.ids[j])]
+        if label_entry and label_entry[0] not in best:  # the label keeps a place
+            best = sorted(ranked[:k - 1] + label_entry, key=lambda x: (-x[0], x[1]))
+        total = sum(p for p, _ in best)
         for c, (p, t) in enumerate(best):
-            out_ids[j, c], out_lp[j, c] = t, math.log(p)
+            out_ids[j, c], out_lp[j, c] = t, math.log(p / max(total, 1.0))
     return out_ids, out_lp
 
 
@@ -157,13 +227,16 @@ def test_vectorized_rule_equals_the_reference_loop(toks, tables, text, seed):
         src, tgt = _sides(toks[a], toks[b], text)
         first, by_byte = tables[(a, b)]
         top, lps, obs = synthetic_rows(toks[a], src.ids, seed)
-        got = project(src, tgt, n_resp, surfaces(toks[a]), first, by_byte, top, lps, obs, K)
-        want_ids, want_lp = reference(src, tgt, n_resp, surfaces(toks[a]), first, by_byte, top, lps, obs, K)
-        np.testing.assert_array_equal(got.ids, want_ids, err_msg=f"{a}->{b} {text!r}")
-        np.testing.assert_allclose(got.logprobs, want_lp, rtol=1e-5, atol=1e-5)
-        # what a position carries is a (sub-)probability distribution
-        mass = np.exp(np.where(got.ids >= 0, got.logprobs, -np.inf).astype(np.float64)).sum(axis=1)
-        assert (mass <= 1 + 1e-5).all()
+        index = _target_index(surfaces(toks[b]))
+        for trie in (None, prefix_trie(toks[b])):
+            got = project(src, tgt, n_resp, surfaces(toks[a]), first, by_byte, top, lps, obs, K, trie=trie)
+            want_ids, want_lp = reference(src, tgt, n_resp, surfaces(toks[a]), first, by_byte, top, lps, obs, K,
+                                          t_index=None if trie is None else index)
+            np.testing.assert_array_equal(got.ids, want_ids, err_msg=f"{a}->{b} {text!r} trie={trie is not None}")
+            np.testing.assert_allclose(got.logprobs, want_lp, rtol=1e-5, atol=1e-5)
+            # what a position carries is a (sub-)probability distribution
+            mass = np.exp(np.where(got.ids >= 0, got.logprobs, -np.inf).astype(np.float64)).sum(axis=1)
+            assert (mass <= 1 + 1e-5).all()
 
 
 @PROPS
@@ -176,7 +249,7 @@ def test_every_covered_target_position_gets_a_distribution(toks, tables, text, s
         src, tgt = _sides(toks[a], toks[b], text)
         first, by_byte = tables[(a, b)]
         top, lps, obs = synthetic_rows(toks[a], src.ids, seed)
-        got = project(src, tgt, len(tb), surfaces(toks[a]), first, by_byte, top, lps, obs, K)
+        got = project(src, tgt, len(tb), surfaces(toks[a]), first, by_byte, top, lps, obs, K, trie=prefix_trie(toks[b]))
         for j in range(len(tgt.ids)):
             x0, x1 = int(tgt.starts[j]), int(tgt.ends[j])
             inside = [i for i in range(len(src.ids)) if src.starts[i] < x1 and src.ends[i] > x0]
@@ -201,7 +274,7 @@ def test_coverage_on_real_text_is_nearly_complete(toks, tables, smollm2_tok):
         first, by_byte = tables[(a, b)] if (a, b) in tables else pair_tables(all_toks[a], all_toks[b], "prefix")
         src, tgt = _sides(all_toks[a], all_toks[b], text)
         top, lps, obs = synthetic_rows(all_toks[a], src.ids, 0)
-        got = project(src, tgt, n, surfaces(all_toks[a]), first, by_byte, top, lps, obs, K)
+        got = project(src, tgt, n, surfaces(all_toks[a]), first, by_byte, top, lps, obs, K, trie=prefix_trie(all_toks[b]))
         share = got.covered.mean()
         one = got.one_to_one.mean()
         assert share >= (0.97 if "gemma_unigram" in (a, b) else 1.0), (a, b, share)  # NFKC: "°" "—" rewritten
@@ -224,7 +297,7 @@ def test_chain_rule_reproduces_a_byte_level_teacher(toks, tables, text, seed):
         src, tgt = _sides(toks[a], toks[b], text)
         first, by_byte = tables[(a, b)]
         top, lps, obs = synthetic_rows(toks[a], src.ids, seed, byte_probs=byte_probs, alternatives=False)
-        got = project(src, tgt, n, surfaces(toks[a]), first, by_byte, top, lps, obs, K)
+        got = project(src, tgt, n, surfaces(toks[a]), first, by_byte, top, lps, obs, K, trie=prefix_trie(toks[b]))
         starts, ends = set(src.starts.tolist()), set(src.ends.tolist())
         for j in np.flatnonzero(got.covered):
             x0, x1 = int(tgt.starts[j]), int(tgt.ends[j])
@@ -311,3 +384,76 @@ def test_a_target_token_starting_in_the_template_is_taught_from_the_response_on(
     n_in = int(np.searchsorted(src.ends, tgt.ends[0], side="left")) + 1
     assert src.ends[n_in - 1] == tgt.ends[0] and src.starts[0] == 0
     np.testing.assert_allclose(float(got.logprobs[0][0]), float(np.sum(obs[:n_in])), rtol=1e-3, atol=1e-3)
+
+def _hand(toks, text: bytes, src_pieces, tgt_pieces, rows, obs):
+    """project() on hand-made spans: gemma_unigram source, chatml_bpe target (with its trie); rows are
+    {surface: probability} per source token. Returns {surface: probability} per target position."""
+    from profuser.align import ResponseTokens
+
+    src_tok, tgt_tok = toks["gemma_unigram"], toks["chatml_bpe"]
+    s, t = surfaces(src_tok), surfaces(tgt_tok)
+    sid = {u: i for i, u in enumerate(s.surfaces) if u and not s.special[i]}
+    tid = _target_index(t)
+    tb = np.frombuffer(text, dtype=np.uint8)
+
+    def rt(pieces, ids):
+        ends = np.cumsum([len(p) for p in pieces])
+        starts = ends - np.array([len(p) for p in pieces])
+        return ResponseTokens(np.array([ids[p] for p in pieces]), starts, ends, np.ones(len(pieces), dtype=bool), tb, 0)
+
+    src, tgt = rt(src_pieces, sid), rt(tgt_pieces, tid)
+    top = np.full((len(rows), 4), -1)
+    lps = np.full((len(rows), 4), -np.inf)
+    for r, row in enumerate(rows):
+        for c, (u, p) in enumerate(row.items()):
+            top[r, c], lps[r, c] = sid[u], math.log(p)
+    first, by_byte = pair_tables(src_tok, tgt_tok, "prefix")
+    got = project(src, tgt, len(text), s, first, by_byte, top, lps, np.log(obs), 6, trie=prefix_trie(tgt_tok))
+    return [{t.surfaces[int(c)]: math.exp(v) for c, v in zip(got.ids[j], got.logprobs[j]) if c >= 0}
+            for j in range(len(tgt_pieces))]
+
+
+def test_boundaries_hand_example(toks):
+    """Source ` ` + `lin`, target ` ` + `lin` (both split the same way; the target also has ` s`
+    and ` a`, not ` e`). Position 0 (` `): the row after it says which continuations a longer target
+    token would swallow: `s` (0.3 of it) goes to ` s`, `e` stays. Position 1 (`lin`): after the
+    target's bare ` `, a continuation it would have spelled ` s` cannot follow, so `s` is dropped and
+    the rest renormalized."""
+    got = _hand(toks, b" lin", [b" ", b"lin"], [b" ", b"lin"],
+                [{b" ": 0.6, b" a": 0.4}, {b"lin": 0.5, b"s": 0.3, b"e": 0.2}], [0.6, 0.5])
+    assert got[0] == {b" ": pytest.approx(0.6 * 0.7), b" s": pytest.approx(0.6 * 0.3), b" a": pytest.approx(0.4)}
+    assert got[1] == {b"lin": pytest.approx(0.5 / 0.7), b"e": pytest.approx(0.2 / 0.7)}
+
+
+def test_later_rows_of_the_observed_path_hand_example(toks):
+    """Target ` s` over source ` ` + `s`: besides the observed path (0.7 x 0.5), the row after ` `
+    offers `lin` and `e`, continuations the target starts with a bare ` ` (it has no ` l...`, ` e`)."""
+    got = _hand(toks, b" s", [b" ", b"s"], [b" s"],
+                [{b" ": 0.7, b" a": 0.3}, {b"s": 0.5, b"lin": 0.3, b"e": 0.2}], [0.7, 0.5])
+    assert got[0] == {b" s": pytest.approx(0.35), b" ": pytest.approx(0.7 * 0.5), b" a": pytest.approx(0.3)}
+
+
+@PROPS
+@given(text=texts, seed=st.integers(0, 2**16))
+def test_trie_walk_is_the_longest_target_prefix(toks, text, seed):
+    """vocab_map.trie_walk (vectorized) against a dict lookup per length, in both modes: a stretch of
+    text followed by a source token's surface from some byte on."""
+    from profuser.vocab_map import trie_walk
+
+    rng = np.random.default_rng(seed)
+    tb = text.encode("utf-8")
+    arr = np.frombuffer(tb, dtype=np.uint8)
+    for a, b in itertools.permutations(FAMILIES, 2):
+        s = surfaces(toks[a])
+        index = _target_index(surfaces(toks[b]))
+        Q = 40
+        ids = rng.integers(0, len(s.surfaces), Q)
+        skip = np.array([rng.integers(0, max(int(s.lengths[i]), 1)) for i in ids]).clip(0, s.lengths[ids])
+        start = rng.integers(0, max(len(tb), 1), Q) if len(tb) else np.zeros(Q, dtype=np.int64)
+        length = np.array([rng.integers(0, len(tb) - st + 1) for st in start]) if len(tb) else np.zeros(Q, dtype=np.int64)
+        for exact in (False, True):
+            got, got_len = trie_walk(prefix_trie(toks[b]), arr if len(tb) else np.zeros(1, np.uint8), start,
+                                     length, s, ids, skip, exact)
+            for q in range(Q):
+                string = tb[start[q]:start[q] + length[q]] + s.surfaces[ids[q]][skip[q]:]
+                assert (got[q], got_len[q]) == longest_target(index, string, exact), (a, b, string, exact)

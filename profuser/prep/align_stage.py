@@ -53,7 +53,7 @@ from profuser.data import Reject
 from profuser.prep.formats import ALIGN_SCHEMA, to_table, unnest
 from profuser.prep.stages import Context, Progress, Stage, model_deps, read_records, sidecar_info, upstream_hashes
 
-ALIGN_VERSION = 3  # bump when the alignment rules change (invalidates align and build)
+ALIGN_VERSION = 4  # bump when the alignment rules change (invalidates align and build)
 STAT_KEYS = ("rows", "fallback_rows", "response_positions", "text_positions", "text_transferred", "aligned",
              "transferred", "kept_mass_sum", "mass_sum", "copy_rows")
 
@@ -73,6 +73,8 @@ class Pair:
     by_byte: Optional[np.ndarray]  # by-byte prefix table
     mapped_share: float  # share of the source's regular (non-special) tokens with a target counterpart
     method: str  # "spans" (offsets) | "mined" (no offsets: 1:1 pairs by MinED)
+    trie: Optional[object] = None  # the target vocabulary's vocab_map.PrefixTrie (None: head rows only)
+    exact_walk: bool = False  # the trie gives only identical surfaces (vocab_mapping exact/soft)
 
 
 @dataclass
@@ -88,7 +90,7 @@ def make_pair(cfg, cache_dir, spec, tgt: Target, chat_model=None) -> Pair:
     from profuser.align import same_tokenizer, surfaces
     from profuser.chat import end_of_turn_id
     from profuser.models import load_chat_tokenizer
-    from profuser.vocab_map import load_pair_tables
+    from profuser.vocab_map import load_pair_tables, prefix_trie
 
     chat_model = chat_model or load_chat_tokenizer(spec)
     eot = end_of_turn_id(chat_model.tokenizer, chat_model.template)
@@ -104,7 +106,8 @@ def make_pair(cfg, cache_dir, spec, tgt: Target, chat_model=None) -> Pair:
         regular = ~s.special & (s.lengths > 0)
         share = float((first[regular] >= 0).mean()) if regular.any() else 0.0
     return Pair(spec.name, chat_model, eot, same, copy, first, by_byte, share,
-                alignment_method(chat_model.tokenizer, tgt.chat_model.tokenizer))
+                alignment_method(chat_model.tokenizer, tgt.chat_model.tokenizer),
+                None if copy else prefix_trie(tgt.chat_model.tokenizer), cfg.prep.vocab_mapping != "prefix")
 
 
 def alignment_method(src_tok, tgt_tok) -> str:
@@ -201,7 +204,7 @@ def align_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict],
     else:
         need = int(max(src.ids.max(initial=-1), np.max(topk_ids, initial=-1)))
         tr = project(src, tgt_rt, n_resp, surfaces(src_tok, need), pair.first, pair.by_byte, topk_ids, topk_logprobs,
-                     token_logprobs, k, eot)
+                     token_logprobs, k, eot, trie=pair.trie, exact_only=pair.exact_walk)
         ids, lps, kept, one = tr.ids, tr.logprobs, tr.kept, tr.one_to_one
         covered = (ids >= 0).any(axis=1)
         method = "project"
