@@ -65,7 +65,7 @@ from typing import Optional
 import numpy as np
 
 from profuser.align import ResponseTokens, Surfaces, surface_mismatch
-from profuser.vocab_map import PAD_ID, PrefixTrie, merge_entries, trie_continue, trie_states
+from profuser.vocab_map import PAD_ID, PrefixTrie, merge_entries, trie_continue
 
 
 @dataclass
@@ -191,40 +191,75 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
 
     # 3. the target's own boundary at a: a continuation that the target's previous token would have
     # swallowed (its text + the candidate starts a longer target token) cannot follow it; such
-    # candidates are dropped and the position is renormalized over the rest
+    # candidates are dropped and the position is renormalized over the rest.
+    # Steps 3, 5 and 6 look their strings up in one batched trie walk, set up here.
     use = trie is not None and pairs is None
     renorm = np.zeros(len(J))
+    lJ = last[J]
+    tp = tail_partial[J]
+    aJ, bJ = a[J], b[J]
     if use:
-        # every byte-exact target token's own text, walked once: the trie state after each of its bytes
-        walk_ok = tgt.exact & (tgt.starts >= 0) & (b > tgt.starts)
-        t_len = np.where(walk_ok, b - tgt.starts, 0)
-        t_node, t_best, t_blen = trie_states(trie, tb, src.base + np.maximum(tgt.starts, 0), t_len)
-
-        def walk(t: np.ndarray, off: np.ndarray, ids: np.ndarray, skip: np.ndarray):
-            # target token t's first `off` bytes, then source token ids' surfaces from byte skip on
-            return trie_continue(trie, t_node[t, off], off, t_best[t, off], t_blen[t, off], surf, ids, skip,
-                                 exact_only)
-
+        empty_q = np.zeros(0, dtype=np.int64)
+        # step 3's queries: the previous target token's text + each remaining head candidate
         pj = J - 1
         pjs = np.maximum(pj, 0)
         prev_ok = (pj >= 0) & ~straddle[J] & tgt.exact[pjs] & (tgt.starts[pjs] >= 0) & (tgt.ends[pjs] == a[J])
+        r3, c3 = np.nonzero((tgt_id >= 0) & prev_ok[:, None])
+        w3 = tgt.ends[pjs[r3]] - tgt.starts[pjs[r3]]
+        walkable = tgt.exact[J] & ~straddle[J] & (tgt.starts[J] >= 0)
+        if eot is not None and eot[1] is not None:
+            walkable &= J != eot[1]
+        # step 5's queries: text[a:start(m)] + each other candidate of a later row m of the path
+        cnt = np.where(walkable, lJ - hJ, 0)
+        jj = np.repeat(np.arange(len(J)), cnt)
+        mm = hJ[jj] + 1 + (np.arange(len(jj)) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+        rc5, rlp5 = top[mm], top_lp[mm]  # [Q, K]
+        ok5 = (rc5 >= 0) & (rc5 < len(surf.lengths)) & (rc5 != obs[mm][:, None])
+        ok5 &= ~surf.special[np.clip(rc5, 0, len(surf.lengths) - 1)]
+        at_tail = tp[jj] & (mm == lJ[jj])
+        if at_tail.any():  # candidates sharing the label's tail text are in the label already
+            rr, cc = np.nonzero(ok5 & at_tail[:, None])
+            L = bJ[jj[rr]] - s_st[mm[rr]]
+            ok5[rr, cc] &= ~prefix_match(surf, rc5[rr, cc], tb, src.base + s_st[mm[rr]], L)
+        r5, c5 = np.nonzero(ok5)
+        q5 = jj[r5]
+        # step 6's queries: the label's text + each other candidate of the row after the path
+        nxt = lJ + 1
+        look = walkable & ~tp & (s_en[lJ] == bJ) & (nxt < n)
+        look &= np.where(look, s_st[np.minimum(nxt, n - 1)] == bJ, False)
+        Lk = np.flatnonzero(look)
+        r = nxt[Lk]
+        rc6, rlp6 = top[r], top_lp[r]
+        ok6 = (rc6 >= 0) & (rc6 < len(surf.lengths)) & (rc6 != obs[r][:, None])
+        ok6 &= ~surf.special[np.clip(rc6, 0, len(surf.lengths) - 1)]
+        r6, c6 = np.nonzero(ok6)
+        q6 = Lk[r6]
+        w6 = bJ[q6] - aJ[q6]
+        # one walk: target token t's first `off` bytes (its text is its surface: the trie state there
+        # was recorded when the trie was built, PrefixTrie.node_along), then a source surface
+        t = np.concatenate([pjs[r3], J[q5], J[q6]])
+        off = np.concatenate([w3, s_st[mm[r5]] - aJ[q5], w6])
+        qids = np.concatenate([cand[r3, c3], rc5[r5, c5], rc6[r6, c6]])
+        skip = np.concatenate([dJ[r3], np.zeros(len(r5) + len(r6), dtype=np.int64)])
+        tid = tgt.ids[t] if len(t) else empty_q
+        inside = (off > 0) & (tid >= 0) & (tid < len(trie.offsets))
+        at = np.clip(trie.offsets[np.clip(tid, 0, len(trie.offsets) - 1)] + off - 1, 0, len(trie.node_along) - 1)
+        node = np.where(inside, trie.node_along[at], np.where(off > 0, -1, 0))
+        g_all, glen_all = trie_continue(trie, node, off, np.where(inside, trie.best_along[at], -1),
+                                        np.where(inside, trie.best_len_along[at], 0), surf, qids, skip, exact_only)
+        n3, n5 = len(r3), len(r5)
+        g, glen = g_all[:n3], glen_all[:n3]
+        bad = (g >= 0) & (glen > w3)
+        rr, cc = r3[bad], c3[bad]
         lost = np.zeros(len(J))
-        rr, cc = np.nonzero((tgt_id >= 0) & prev_ok[:, None])
-        if len(rr):
-            width = t_len[pjs[rr]]
-            g, glen = walk(pjs[rr], width, cand[rr, cc], dJ[rr])
-            bad = (g >= 0) & (glen > width)
-            rr, cc = rr[bad], cc[bad]
-            np.add.at(lost, rr, np.exp(alt_lp[rr, cc]))
-            tgt_id[rr, cc] = PAD_ID
-            alt_lp[rr, cc] = -np.inf
+        np.add.at(lost, rr, np.exp(alt_lp[rr, cc]))
+        tgt_id[rr, cc] = PAD_ID
+        alt_lp[rr, cc] = -np.inf
         renorm = -np.log(np.clip(1.0 - lost, 1e-6, 1.0))
 
     # 4. the observed path: the label's own text along the source tokens actually used
-    lJ = last[J]
     cum = np.concatenate(([0.0], np.cumsum(obs_lp)))
     inner = np.where(lJ > hJ, cum[lJ] - cum[np.minimum(hJ + 1, lJ)], 0.0)  # tokens head+1 .. last-1
-    tp = tail_partial[J]
     tail = np.where(lJ > hJ, obs_lp[lJ], 0.0)
     if tp.any():
         P = np.flatnonzero(tp)
@@ -238,69 +273,38 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
     label_lp = obs_lp[hJ] - logZ + inner + tail
 
     extra_ids, extra_lp = [tgt_id, tgt.ids[J][:, None]], [alt_lp, None]
-    if trie is not None and pairs is None:
-        walkable = tgt.exact[J] & ~straddle[J] & (tgt.starts[J] >= 0)
-        if eot is not None and eot[1] is not None:
-            walkable &= J != eot[1]
-        aJ, bJ = a[J], b[J]
+    if use:
         path0 = obs_lp[hJ] - logZ  # log p(text from a to the end of the head token)
         # 5. later rows of the observed path (head < m <= last): other continuations after text[a:start(m)]
-        cnt = np.where(walkable, lJ - hJ, 0)
-        if cnt.sum():
-            jj = np.repeat(np.arange(len(J)), cnt)
-            mm = hJ[jj] + 1 + (np.arange(len(jj)) - np.repeat(np.cumsum(cnt) - cnt, cnt))
-            rc, rlp = top[mm], top_lp[mm]  # [Q, K]
-            ok_c = (rc >= 0) & (rc < len(surf.lengths)) & (rc != obs[mm][:, None])
-            ok_c &= ~surf.special[np.clip(rc, 0, len(surf.lengths) - 1)]
-            at_tail = tp[jj] & (mm == lJ[jj])
-            if at_tail.any():  # candidates sharing the label's tail text are in the label already
-                rr, cc = np.nonzero(ok_c & at_tail[:, None])
-                L = bJ[jj[rr]] - s_st[mm[rr]]
-                ok_c[rr, cc] &= ~prefix_match(surf, rc[rr, cc], tb, src.base + s_st[mm[rr]], L)
-            rr, cc = np.nonzero(ok_c)
-            q_j = jj[rr]
-            g, _ = walk(J[q_j], s_st[mm[rr]] - aJ[q_j], rc[rr, cc], np.zeros(len(rr), dtype=np.int64))
-            before = path0[q_j] + cum[mm[rr]] - cum[hJ[q_j] + 1]  # log p(text a .. start(m))
-            glp = before + rlp[rr, cc]
-            if len(rr):
-                width = int(np.bincount(q_j, minlength=len(J)).max())
-                slot = np.arange(len(rr)) - np.searchsorted(q_j, q_j)  # q_j is sorted
-                wi = np.full((len(J), width), PAD_ID, dtype=np.int64)
-                wl = np.full((len(J), width), -np.inf)
-                wi[q_j, slot] = np.where(g >= 0, g, PAD_ID)
-                wl[q_j, slot] = np.where(g >= 0, glp, -np.inf)
-                extra_ids.append(wi)
-                extra_lp.append(wl)
+        if len(r5):
+            g = g_all[n3:n3 + n5]
+            glp = path0[q5] + cum[mm[r5]] - cum[hJ[q5] + 1] + rlp5[r5, c5]  # p(text a .. start(m)) p(tau)
+            width = int(np.bincount(q5, minlength=len(J)).max())
+            slot = np.arange(len(r5)) - np.searchsorted(q5, q5)  # q5 is sorted
+            wi = np.full((len(J), width), PAD_ID, dtype=np.int64)
+            wl = np.full((len(J), width), -np.inf)
+            wi[q5, slot] = np.where(g >= 0, g, PAD_ID)
+            wl[q5, slot] = np.where(g >= 0, glp, -np.inf)
+            extra_ids.append(wi)
+            extra_lp.append(wl)
         # 6. the row after: when the last source token ends exactly at b, row last+1 tells which
         # continuations a longer target token would swallow; that mass moves off the label
-        nxt = lJ + 1
-        look = walkable & ~tp & (s_en[lJ] == bJ) & (nxt < n)
-        look &= np.where(look, s_st[np.minimum(nxt, n - 1)] == bJ, False)
-        if look.any():
-            Lk = np.flatnonzero(look)
-            r = nxt[Lk]
-            rc, rlp = top[r], top_lp[r]
-            ok_c = (rc >= 0) & (rc < len(surf.lengths)) & (rc != obs[r][:, None])
-            ok_c &= ~surf.special[np.clip(rc, 0, len(surf.lengths) - 1)]
-            rr, cc = np.nonzero(ok_c)
-            q = Lk[rr]
-            width_b = bJ[q] - aJ[q]
-            g, glen = walk(J[q], width_b, rc[rr, cc], np.zeros(len(rr), dtype=np.int64))
-            longer = (g >= 0) & (glen > width_b)
-            rr, cc, q, g = rr[longer], cc[longer], q[longer], g[longer]
-            if len(rr):
-                moved = np.zeros(len(J))
-                np.add.at(moved, q, np.exp(rlp[rr, cc]))
-                width = int(np.bincount(rr, minlength=len(Lk)).max())
-                slot = np.arange(len(rr)) - np.searchsorted(rr, rr)
-                wi = np.full((len(J), width), PAD_ID, dtype=np.int64)
-                wl = np.full((len(J), width), -np.inf)
-                wi[q, slot] = g
-                wl[q, slot] = label_lp[q] + rlp[rr, cc]
-                extra_ids.append(wi)
-                extra_lp.append(wl)
-                with np.errstate(divide="ignore"):
-                    label_lp = label_lp + np.log(np.clip(1.0 - moved, 0.0, 1.0))
+        g, glen = g_all[n3 + n5:], glen_all[n3 + n5:]
+        longer = (g >= 0) & (glen > w6)
+        rr, cc, q, g = r6[longer], c6[longer], q6[longer], g[longer]
+        if len(rr):
+            moved = np.zeros(len(J))
+            np.add.at(moved, q, np.exp(rlp6[rr, cc]))
+            width = int(np.bincount(rr, minlength=len(Lk)).max())
+            slot = np.arange(len(rr)) - np.searchsorted(rr, rr)
+            wi = np.full((len(J), width), PAD_ID, dtype=np.int64)
+            wl = np.full((len(J), width), -np.inf)
+            wi[q, slot] = g
+            wl[q, slot] = label_lp[q] + rlp6[rr, cc]
+            extra_ids.append(wi)
+            extra_lp.append(wl)
+            with np.errstate(divide="ignore"):
+                label_lp = label_lp + np.log(np.clip(1.0 - moved, 0.0, 1.0))
     extra_lp[1] = label_lp[:, None]
     all_ids = np.concatenate(extra_ids, axis=1)
     all_lp = np.concatenate(extra_lp, axis=1) + renorm[:, None]
