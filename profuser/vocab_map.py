@@ -17,6 +17,8 @@ piece over an added token. A source id without an identical target surface then 
   similar length.
 `prefix_table` extends the prefix rule to every byte offset inside a source surface (what a target
 token that starts in the middle of a source token is predicted from, profuser.transfer).
+`prefix_trie` holds the target vocabulary as a byte trie, for the longest target token starting a
+string made of observed text plus a candidate's surface (transfer steps 3, 5, 6).
 
 Tables are int64 with -1 for "no counterpart", computed once per (source, target) and cached as
 .npy keyed by both tokenizers' fingerprints.
@@ -260,7 +262,8 @@ def trie_walk(trie: PrefixTrie, text: np.ndarray, start: np.ndarray, length: np.
     token ids[q]'s surface from byte skip[q] on: (target id, its length in bytes) of the longest
     target surface that is a prefix of the string — with `exact`, only one equal to the whole
     string — else (-1, 0). Vectorized over the queries, one trie step per byte (trie_states, then
-    trie_continue; profuser.transfer walks each target token's text once and continues from it)."""
+    trie_continue; profuser.transfer starts from PrefixTrie.node_along instead, the recorded state
+    inside a target token whose text is its surface)."""
     start, length = np.asarray(start, dtype=np.int64), np.asarray(length, dtype=np.int64)
     Q = len(ids)
     if Q == 0:
