@@ -199,7 +199,6 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
     tp = tail_partial[J]
     aJ, bJ = a[J], b[J]
     if use:
-        empty_q = np.zeros(0, dtype=np.int64)
         # step 3's queries: the previous target token's text + each remaining head candidate
         pj = J - 1
         pjs = np.maximum(pj, 0)
@@ -241,7 +240,7 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
         off = np.concatenate([w3, s_st[mm[r5]] - aJ[q5], w6])
         qids = np.concatenate([cand[r3, c3], rc5[r5, c5], rc6[r6, c6]])
         skip = np.concatenate([dJ[r3], np.zeros(len(r5) + len(r6), dtype=np.int64)])
-        tid = tgt.ids[t] if len(t) else empty_q
+        tid = tgt.ids[t]
         inside = (off > 0) & (tid >= 0) & (tid < len(trie.offsets))
         at = np.clip(trie.offsets[np.clip(tid, 0, len(trie.offsets) - 1)] + off - 1, 0, len(trie.node_along) - 1)
         node = np.where(inside, trie.node_along[at], np.where(off > 0, -1, 0))

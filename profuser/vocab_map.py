@@ -179,73 +179,34 @@ def prefix_trie(tgt_tok) -> PrefixTrie:
             if v is None:
                 break
             along[o + n - 1] = v
-    best = np.where(along >= 0, term[np.maximum(along, 0)], -1)
-    pos = np.arange(len(t.flat)) - np.repeat(t.offsets, t.lengths) + 1  # bytes walked so far
-    best_len = np.where(best >= 0, pos, 0)
-    # carry the last match forward along each surface (a running max of the match's position)
-    last = np.where(best >= 0, np.arange(len(t.flat)), -1)
+    # the longest match so far: the last byte along the surface where a target surface ends (a
+    # running max of its flat position, not reaching back past the surface's first byte)
+    match = np.where(along >= 0, term[np.maximum(along, 0)], -1)
     starts = np.repeat(t.offsets, t.lengths)
-    last = np.maximum.accumulate(last)
+    last = np.maximum.accumulate(np.where(match >= 0, np.arange(len(t.flat)), -1))
     last = np.where(last >= starts, last, -1)
-    best = np.where(last >= 0, best[np.maximum(last, 0)], -1)
-    best_len = np.where(last >= 0, best_len[np.maximum(last, 0)], 0)
+    best = np.where(last >= 0, match[np.maximum(last, 0)], -1)
+    best_len = np.where(last >= 0, last - starts + 1, 0)
     trie = PrefixTrie(k[order], np.arange(1, len(node), dtype=np.int64)[order], term, t.offsets.astype(np.int64),
                       along, best, best_len)
     _TRIES[key] = trie
     return trie
 
 
-def trie_states(trie: PrefixTrie, text: np.ndarray, start: np.ndarray, length: np.ndarray):
-    """Walk text[start[q] : start[q] + length[q]] for every query q, keeping the state after each byte:
-    (node, best id, best length), each int64 [Q, max(length) + 1], column L = after L bytes. node is
-    -1 once the text has left the trie; best is the longest target surface seen so far (-1, 0 none)."""
-    Q = len(start)
-    W = int(length.max(initial=0)) + 1
-    node = np.full((Q, W), -1, dtype=np.int64)
-    best = np.full((Q, W), -1, dtype=np.int64)
-    blen = np.zeros((Q, W), dtype=np.int64)
-    node[:, 0] = 0
-    cur = np.zeros(Q, dtype=np.int64)
-    cb = np.full(Q, -1, dtype=np.int64)
-    cl = np.zeros(Q, dtype=np.int64)
-    alive = np.flatnonzero(length > 0)
-    for i in range(W - 1):
-        if alive.size and len(trie.keys):
-            key = cur[alive] * 256 + text[np.clip(start[alive] + i, 0, len(text) - 1)].astype(np.int64)
-            pos = np.minimum(np.searchsorted(trie.keys, key), len(trie.keys) - 1)
-            found = trie.keys[pos] == key
-            cur[alive[~found]] = -1
-            alive, pos = alive[found], pos[found]
-            cur[alive] = trie.child[pos]
-            tm = trie.term[cur[alive]]
-            hit = tm >= 0
-            cb[alive[hit]], cl[alive[hit]] = tm[hit], i + 1
-            alive = alive[length[alive] > i + 1]
-        else:
-            alive = alive[:0]
-        node[:, i + 1] = np.where(length > i, cur, -1)
-        best[:, i + 1], blen[:, i + 1] = cb, cl
-    return node, best, blen
-
-
-def trie_continue(trie: PrefixTrie, node: np.ndarray, done: np.ndarray, best: np.ndarray, best_len: np.ndarray,
-                  surf: Surfaces, ids: np.ndarray, skip: np.ndarray, exact: bool = False):
-    """Go on from trie states (trie_states: node after `done` bytes, longest match so far) with source
-    token ids[q]'s surface from byte skip[q] on: (target id, length in bytes) of the longest target
-    surface that is a prefix of the whole string — with `exact`, only one equal to it — else (-1, 0)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    total = done + surf.lengths[ids] - skip
-    best = np.where(total == done, best, -1) if exact else np.asarray(best, dtype=np.int64).copy()
-    best_len = np.where(best >= 0, best_len, 0).astype(np.int64)
-    node = np.asarray(node, dtype=np.int64).copy()
-    at = surf.offsets[ids] + skip - done  # flat index of string byte i (i >= done) = at + i
-    alive = np.flatnonzero((node >= 0) & (total > done))
+def _walk(trie: PrefixTrie, node: np.ndarray, done: np.ndarray, best: np.ndarray, best_len: np.ndarray,
+          flat: np.ndarray, at: np.ndarray, total: np.ndarray, exact: bool):
+    """The trie walk itself: query q stands at `node` after `done` bytes of its string, whose byte i
+    (done <= i < total) is flat[at + i]; walks on to `total` bytes, recording the longest target
+    surface met (with `exact`: only at the last byte). Returns (node, -1 once off the trie; best id;
+    its length), new arrays."""
+    node, best, best_len = node.copy(), best.copy(), best_len.copy()
     i = done.copy()
+    alive = np.flatnonzero((node >= 0) & (total > done))
     while alive.size and len(trie.keys):
-        byte = surf.flat[np.clip(at[alive] + i[alive], 0, len(surf.flat) - 1)].astype(np.int64)
-        key = node[alive] * 256 + byte
+        key = node[alive] * 256 + flat[np.clip(at[alive] + i[alive], 0, len(flat) - 1)].astype(np.int64)
         pos = np.minimum(np.searchsorted(trie.keys, key), len(trie.keys) - 1)
         found = trie.keys[pos] == key
+        node[alive[~found]] = -1
         alive, pos = alive[found], pos[found]
         node[alive] = trie.child[pos]
         i[alive] += 1
@@ -253,6 +214,21 @@ def trie_continue(trie: PrefixTrie, node: np.ndarray, done: np.ndarray, best: np
         hit = (tm >= 0) & ((total[alive] == i[alive]) if exact else True)
         best[alive[hit]], best_len[alive[hit]] = tm[hit], i[alive[hit]]
         alive = alive[total[alive] > i[alive]]
+    return node, best, best_len
+
+
+def trie_continue(trie: PrefixTrie, node: np.ndarray, done: np.ndarray, best: np.ndarray, best_len: np.ndarray,
+                  surf: Surfaces, ids: np.ndarray, skip: np.ndarray, exact: bool = False):
+    """Go on from trie states (node after `done` bytes, longest match so far: PrefixTrie.node_along
+    or a walk over text) with source token ids[q]'s surface from byte skip[q] on: (target id, length
+    in bytes) of the longest target surface that is a prefix of the whole string — with `exact`, only
+    one equal to it — else (-1, 0)."""
+    ids, done = np.asarray(ids, dtype=np.int64), np.asarray(done, dtype=np.int64)
+    total = done + surf.lengths[ids] - skip
+    best = np.where(total == done, best, -1) if exact else np.asarray(best, dtype=np.int64)
+    best_len = np.where(best >= 0, best_len, 0).astype(np.int64)
+    _, best, best_len = _walk(trie, np.asarray(node, dtype=np.int64), done, best, best_len, surf.flat,
+                              surf.offsets[ids] + skip - done, total, exact)
     return best, best_len
 
 
@@ -261,17 +237,14 @@ def trie_walk(trie: PrefixTrie, text: np.ndarray, start: np.ndarray, length: np.
     """For every query q, the byte string text[start[q] : start[q] + length[q]] followed by source
     token ids[q]'s surface from byte skip[q] on: (target id, its length in bytes) of the longest
     target surface that is a prefix of the string — with `exact`, only one equal to the whole
-    string — else (-1, 0). Vectorized over the queries, one trie step per byte (trie_states, then
-    trie_continue; profuser.transfer starts from PrefixTrie.node_along instead, the recorded state
-    inside a target token whose text is its surface)."""
+    string — else (-1, 0). Vectorized over the queries, one trie step per byte: a walk over the
+    text, then trie_continue (profuser.transfer starts from PrefixTrie.node_along instead, the
+    recorded state inside a target token whose text is its surface)."""
     start, length = np.asarray(start, dtype=np.int64), np.asarray(length, dtype=np.int64)
-    Q = len(ids)
-    if Q == 0:
-        return np.full(0, -1, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    node, best, blen = trie_states(trie, text, start, length)
-    r = np.arange(Q)
-    return trie_continue(trie, node[r, length], length, best[r, length], blen[r, length], surf, ids,
-                         np.asarray(skip, dtype=np.int64), exact)
+    Q = len(start)
+    zero = np.zeros(Q, dtype=np.int64)
+    node, best, blen = _walk(trie, zero, zero, np.full(Q, -1, dtype=np.int64), zero, text, start, length, False)
+    return trie_continue(trie, node, length, best, blen, surf, ids, np.asarray(skip, dtype=np.int64), exact)
 
 
 def _soft_fill(out: np.ndarray, s: Surfaces, t: Surfaces, max_ratio: float, budget: int = 4_000_000) -> None:

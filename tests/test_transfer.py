@@ -457,3 +457,19 @@ def test_trie_walk_is_the_longest_target_prefix(toks, text, seed):
             for q in range(Q):
                 string = tb[start[q]:start[q] + length[q]] + s.surfaces[ids[q]][skip[q]:]
                 assert (got[q], got_len[q]) == longest_target(index, string, exact), (a, b, string, exact)
+
+
+def test_trie_states_recorded_along_every_target_surface(toks):
+    """PrefixTrie's per-byte record along each target surface (where profuser.transfer starts its
+    walks) equals the dict lookup of the longest target surface within that surface's first n bytes."""
+    for b in FAMILIES:
+        t = surfaces(toks[b])
+        trie, index = prefix_trie(toks[b]), _target_index(t)
+        for i, u in enumerate(t.surfaces):
+            if t.special[i]:
+                continue
+            for n in range(1, len(u) + 1):
+                at = int(trie.offsets[i]) + n - 1
+                assert trie.node_along[at] >= 0
+                want = longest_target(index, u[:n])
+                assert (trie.best_along[at], trie.best_len_along[at]) == want, (b, u, n)
