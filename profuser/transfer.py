@@ -65,7 +65,7 @@ from typing import Optional
 import numpy as np
 
 from profuser.align import ResponseTokens, Surfaces, surface_mismatch
-from profuser.vocab_map import PAD_ID, PrefixTrie, merge_entries, trie_continue
+from profuser.vocab_map import PAD_ID, PrefixTrie, merge_entries, trie_continue, trie_extends
 
 
 @dataclass
@@ -87,6 +87,11 @@ def prefix_match(surf: Surfaces, cand: np.ndarray, text: np.ndarray, start: np.n
     return ok
 
 
+def _idx(x: np.ndarray, n: int) -> np.ndarray:
+    """x clamped to [0, n - 1]: a safe gather index (the gathered value is masked where x was out)."""
+    return np.minimum(np.maximum(x, 0), n - 1)
+
+
 def _logsumexp_rows(lp: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """log(sum(exp(lp) where mask)) per row, -inf for empty rows."""
     x = np.where(mask, lp, -np.inf)
@@ -94,6 +99,16 @@ def _logsumexp_rows(lp: np.ndarray, mask: np.ndarray) -> np.ndarray:
     m_safe = np.where(np.isfinite(m), m, 0.0)
     with np.errstate(divide="ignore"):
         return m_safe + np.log(np.exp(x - m_safe[:, None]).sum(axis=1))
+
+
+def _trie_state(trie: PrefixTrie, tid: np.ndarray, off: np.ndarray):
+    """The trie state after target token tid's first `off` bytes (its surface; recorded when the trie
+    was built, PrefixTrie.node_along): (node, -1 off the trie; longest target surface so far; its
+    length). off = 0 is the root."""
+    inside = (off > 0) & (tid >= 0) & (tid < len(trie.offsets))
+    at = _idx(trie.offsets[_idx(tid, len(trie.offsets))] + off - 1, len(trie.node_along))
+    return (np.where(inside, trie.node_along[at], np.where(off > 0, -1, 0)), np.where(inside, trie.best_along[at], -1),
+            np.where(inside, trie.best_len_along[at], 0))
 
 
 def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surfaces,
@@ -175,11 +190,11 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
                                                      np.where(in_row, -np.inf, obs_lp[hJ]))))
 
     # 2. alternatives: every other candidate continuing past a, to the target token it starts with
-    safe = np.clip(cand, 0, len(surf.lengths) - 1)
+    safe = _idx(cand, len(surf.lengths))
     known = (cand >= 0) & (cand < len(surf.lengths))
     alt = cons & known & (cand != obs[hJ][:, None]) & (surf.lengths[safe] > dJ[:, None])
-    tgt_id = np.where(dJ[:, None] == 0, first[np.clip(cand, 0, len(first) - 1)],
-                      prefix_tab[np.clip(surf.offsets[safe] + dJ[:, None], 0, len(prefix_tab) - 1)])
+    tgt_id = np.where(dJ[:, None] == 0, first[_idx(cand, len(first))],
+                      prefix_tab[_idx(surf.offsets[safe] + dJ[:, None], len(prefix_tab))])
     tgt_id = np.where(alt & ~(surf.special[safe] & (dJ[:, None] > 0)), tgt_id, PAD_ID)
     # a target token that starts in the template: the source's candidates are pieces of the answer's
     # first word without the template's bytes, and the target token each would start with (" " +
@@ -203,7 +218,12 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
         pj = J - 1
         pjs = np.maximum(pj, 0)
         prev_ok = (pj >= 0) & ~straddle[J] & tgt.exact[pjs] & (tgt.starts[pjs] >= 0) & (tgt.ends[pjs] == a[J])
+        # a query can only find a longer target token if the trie goes on from the previous token's
+        # text by the candidate's first byte; most do not, and are left out (the same for step 6)
+        at_prev = _trie_state(trie, tgt.ids[pjs], tgt.ends[pjs] - tgt.starts[pjs])[0]
         r3, c3 = np.nonzero((tgt_id >= 0) & prev_ok[:, None])
+        keep = trie_extends(trie, at_prev[r3], surf, cand[r3, c3], dJ[r3])
+        r3, c3 = r3[keep], c3[keep]
         w3 = tgt.ends[pjs[r3]] - tgt.starts[pjs[r3]]
         walkable = tgt.exact[J] & ~straddle[J] & (tgt.starts[J] >= 0)
         if eot is not None and eot[1] is not None:
@@ -214,7 +234,7 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
         mm = hJ[jj] + 1 + (np.arange(len(jj)) - np.repeat(np.cumsum(cnt) - cnt, cnt))
         rc5, rlp5 = top[mm], top_lp[mm]  # [Q, K]
         ok5 = (rc5 >= 0) & (rc5 < len(surf.lengths)) & (rc5 != obs[mm][:, None])
-        ok5 &= ~surf.special[np.clip(rc5, 0, len(surf.lengths) - 1)]
+        ok5 &= ~surf.special[_idx(rc5, len(surf.lengths))]
         at_tail = tp[jj] & (mm == lJ[jj])
         if at_tail.any():  # candidates sharing the label's tail text are in the label already
             rr, cc = np.nonzero(ok5 & at_tail[:, None])
@@ -230,8 +250,10 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
         r = nxt[Lk]
         rc6, rlp6 = top[r], top_lp[r]
         ok6 = (rc6 >= 0) & (rc6 < len(surf.lengths)) & (rc6 != obs[r][:, None])
-        ok6 &= ~surf.special[np.clip(rc6, 0, len(surf.lengths) - 1)]
+        ok6 &= ~surf.special[_idx(rc6, len(surf.lengths))]
         r6, c6 = np.nonzero(ok6)
+        keep = trie_extends(trie, _trie_state(trie, tgt.ids[J[Lk]], bJ[Lk] - aJ[Lk])[0][r6], surf, rc6[r6, c6], 0)
+        r6, c6 = r6[keep], c6[keep]
         q6 = Lk[r6]
         w6 = bJ[q6] - aJ[q6]
         # one walk: target token t's first `off` bytes (its text is its surface: the trie state there
@@ -240,12 +262,8 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
         off = np.concatenate([w3, s_st[mm[r5]] - aJ[q5], w6])
         qids = np.concatenate([cand[r3, c3], rc5[r5, c5], rc6[r6, c6]])
         skip = np.concatenate([dJ[r3], np.zeros(len(r5) + len(r6), dtype=np.int64)])
-        tid = tgt.ids[t]
-        inside = (off > 0) & (tid >= 0) & (tid < len(trie.offsets))
-        at = np.clip(trie.offsets[np.clip(tid, 0, len(trie.offsets) - 1)] + off - 1, 0, len(trie.node_along) - 1)
-        node = np.where(inside, trie.node_along[at], np.where(off > 0, -1, 0))
-        g_all, glen_all = trie_continue(trie, node, off, np.where(inside, trie.best_along[at], -1),
-                                        np.where(inside, trie.best_len_along[at], 0), surf, qids, skip, exact_only)
+        node, best, best_len = _trie_state(trie, tgt.ids[t], off)
+        g_all, glen_all = trie_continue(trie, node, off, best, best_len, surf, qids, skip, exact_only)
         n3, n5 = len(r3), len(r5)
         g, glen = g_all[:n3], glen_all[:n3]
         bad = (g >= 0) & (glen > w3)
@@ -307,7 +325,13 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
     extra_lp[1] = label_lp[:, None]
     all_ids = np.concatenate(extra_ids, axis=1)
     all_lp = np.concatenate(extra_lp, axis=1) + renorm[:, None]
-    merged_ids, merged_lp = merge_entries(all_ids, all_lp, k)
+    # rows with no entries from steps 5 and 6 (most) are merged over their first columns only
+    narrow = tgt_id.shape[1] + 1
+    wide = (all_ids[:, narrow:] >= 0).any(axis=1)
+    merged_ids = np.empty((len(J), k), dtype=np.int64)
+    merged_lp = np.empty((len(J), k), dtype=np.float32)
+    for rows, cols in ((~wide, narrow), (wide, all_ids.shape[1])):
+        merged_ids[rows], merged_lp[rows] = merge_entries(all_ids[rows, :cols], all_lp[rows, :cols], k)
     # the label keeps a place among the k entries: its probability (the observed path) is the exact
     # part of the rule, the alternatives the approximate one
     lab = tgt.ids[J]

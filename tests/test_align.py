@@ -20,7 +20,8 @@ from profuser.align import (
 from profuser.chat import BUILTIN_TEMPLATES, encode_chat, end_of_turn_id, split_response
 from profuser.tiny import build_tokenizer
 from profuser.vocab_map import (
-    PAD_ID, aligned_topk, build_vocab_map, load_or_build_vocab_map, load_pair_tables, map_topk, pair_tables,
+    PAD_ID, aligned_topk, build_vocab_map, load_or_build_vocab_map, load_pair_tables, map_topk, merge_entries,
+    pair_tables,
 )
 
 from text_strategies import FAMILIES, texts
@@ -334,6 +335,38 @@ def test_map_topk_vectorized_matches_loop():
         assert math.isclose(kept[r], expect / np.exp(lp[r][valid]).sum(), rel_tol=1e-9)
         vals = out_lp[r][out_ids[r] >= 0]
         assert (np.diff(vals) <= 0).all() and (out_ids[r][len(vals):] == PAD_ID).all()
+
+
+def test_merge_entries_against_a_loop():
+    """merge_entries on wide rows (more distinct ids than k), repeated ids, exact ties, -inf and
+    negative ids: the kept entries are a top-k of the per-id log-sum-exp, in descending order with
+    the lower id first among equal values, PAD after them."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        R, W, k = int(rng.integers(1, 6)), int(rng.integers(1, 30)), int(rng.integers(1, 12))
+        ids = rng.integers(-2, 12, size=(R, W))
+        lps = rng.choice(np.log([0.01, 0.02, 0.05, 0.1, 0.3]), size=(R, W))
+        lps[rng.random((R, W)) < 0.1] = -np.inf
+        out_ids, out_lp = merge_entries(ids, lps, k)
+        assert out_ids.shape == out_lp.shape == (R, k) and out_lp.dtype == np.float32
+        for r in range(R):
+            acc: dict[int, float] = {}
+            for i, l in zip(ids[r], lps[r]):
+                if i >= 0 and l > -np.inf:
+                    acc[int(i)] = float(np.logaddexp(acc.get(int(i), -np.inf), l))
+            n = min(k, len(acc))
+            got_ids, got_lp = out_ids[r, :n], out_lp[r, :n].astype(np.float64)
+            assert (out_ids[r, n:] == PAD_ID).all() and np.isneginf(out_lp[r, n:]).all()
+            assert len(set(got_ids.tolist())) == n and all(int(i) in acc for i in got_ids)
+            np.testing.assert_allclose(got_lp, [acc[int(i)] for i in got_ids], rtol=1e-6)
+            dropped = [v for i, v in acc.items() if i not in set(got_ids.tolist())]
+            assert not dropped or max(dropped) <= got_lp.min() + 1e-6  # a top-k
+            assert (np.diff(got_lp) <= 1e-6).all()
+            # equal values (ids met once, so their value is the input, bit for bit): the lower id first
+            once = {int(i) for i in ids[r][(ids[r] >= 0) & (lps[r] > -np.inf)] if (ids[r] == i).sum() == 1}
+            for i, j in zip(got_ids[:-1], got_ids[1:]):
+                if int(i) in once and int(j) in once and acc[int(i)] == acc[int(j)]:
+                    assert i < j
 
 
 def test_aligned_topk_gathers_teacher_rows():

@@ -459,6 +459,42 @@ def test_trie_walk_is_the_longest_target_prefix(toks, text, seed):
                 assert (got[q], got_len[q]) == longest_target(index, string, exact), (a, b, string, exact)
 
 
+def test_trie_extends_is_the_walks_first_step(toks):
+    """vocab_map.trie_extends (the pre-filter of steps 3 and 6) is true exactly when some target
+    surface starts with the state's prefix followed by the next byte of the source surface; -1 states
+    and exhausted surfaces are false. Checked against a set of every target surface's prefixes."""
+    from profuser.vocab_map import trie_extends
+
+    rng = np.random.default_rng(0)
+    for a, b in itertools.permutations(FAMILIES, 2):
+        s, t = surfaces(toks[a]), surfaces(toks[b])
+        trie, index = prefix_trie(toks[b]), _target_index(t)
+        prefixes = {u[:n] for u in index for n in range(1, len(u) + 1)}
+        regular = [i for i in range(len(t.surfaces)) if not t.special[i] and t.surfaces[i]]
+        Q = 400
+        states, texts_ = [0, -1], [b"", None]  # the root, off the trie
+        for i in rng.choice(regular, Q):
+            n = int(rng.integers(1, len(t.surfaces[i]) + 1))
+            states.append(int(trie.node_along[trie.offsets[i] + n - 1]))
+            texts_.append(t.surfaces[i][:n])
+        ids = rng.integers(-1, len(s.surfaces) + 1, len(states))
+        skip = np.array([rng.integers(0, int(s.lengths[i]) + 2) if 0 <= i < len(s.surfaces) else 0 for i in ids])
+        got = trie_extends(trie, np.array(states), s, ids, skip)
+        for q, (prefix, i) in enumerate(zip(texts_, ids)):
+            nxt = s.surfaces[i][skip[q]:skip[q] + 1] if 0 <= i < len(s.surfaces) else b""
+            want = prefix is not None and len(nxt) == 1 and prefix + nxt in prefixes
+            assert bool(got[q]) == want, (a, b, prefix, nxt)
+
+
+def test_trie_walk_refuses_bytes_outside_its_text(toks):
+    from profuser.vocab_map import trie_walk
+
+    s = surfaces(toks[FAMILIES[0]])
+    text = np.frombuffer(b"hello", dtype=np.uint8)
+    with pytest.raises(ValueError, match="outside the given byte array"):
+        trie_walk(prefix_trie(toks[FAMILIES[1]]), text, np.array([3]), np.array([4]), s, np.array([0]), np.array([0]))
+
+
 def test_trie_states_recorded_along_every_target_surface(toks):
     """PrefixTrie's per-byte record along each target surface (where profuser.transfer starts its
     walks) equals the dict lookup of the longest target surface within that surface's first n bytes."""
