@@ -256,6 +256,12 @@ def char_to_byte(text: str) -> np.ndarray:
     return out
 
 
+def clamp_index(x: np.ndarray, n: int) -> np.ndarray:
+    """x clamped to [0, n - 1]: a safe gather index into an array of length n, for lookups whose result
+    is masked where x was out of range (np.clip does the same with more per-call overhead)."""
+    return np.minimum(np.maximum(x, 0), n - 1)
+
+
 def token_spans(tokenizer, text: str) -> TokenSpans:
     """Tokenize `text` (add_special_tokens=False, as encode_chat does) and give each token its exact
     byte span; see the module docstring for the rules."""
@@ -276,7 +282,7 @@ def spans_from_offsets(surf: Surfaces, text: str, ids, char_starts, char_ends) -
         z = np.zeros(0, dtype=np.int64)
         return TokenSpans(ids, z, z.copy(), np.zeros(0, dtype=bool), cs, ce)
     cum = char_to_byte(text)
-    bs, be = cum[np.minimum(np.maximum(cs, 0), len(text))], cum[np.minimum(np.maximum(ce, 0), len(text))]
+    bs, be = cum[clamp_index(cs, len(cum))], cum[clamp_index(ce, len(cum))]
     known = (ids >= 0) & (ids < len(surf.lengths))
     L = np.where(known, surf.lengths[np.where(known, ids, 0)], 0)
 
@@ -349,7 +355,7 @@ def surface_mismatch(surf: Surfaces, ids: np.ndarray, text: np.ndarray, starts: 
     within = np.arange(int(lk.sum())) - np.repeat(np.cumsum(lk) - lk, lk)
     pos = np.asarray(starts, dtype=np.int64)[owner] + within
     inside = (pos >= 0) & (pos < len(text))
-    text_b = np.where(inside, text[np.minimum(np.maximum(pos, 0), max(len(text) - 1, 0))], -1)
+    text_b = np.where(inside, text[clamp_index(pos, max(len(text), 1))], -1)
     surf_b = surf.flat[surf.offsets[ids][owner] + within].astype(np.int64)
     return np.bincount(owner, weights=(text_b != surf_b), minlength=len(lk)) > 0
 

@@ -64,7 +64,7 @@ from typing import Optional
 
 import numpy as np
 
-from profuser.align import ResponseTokens, Surfaces, surface_mismatch
+from profuser.align import ResponseTokens, Surfaces, clamp_index, surface_mismatch
 from profuser.vocab_map import PAD_ID, PrefixTrie, merge_entries, trie_continue, trie_extends
 
 
@@ -87,11 +87,6 @@ def prefix_match(surf: Surfaces, cand: np.ndarray, text: np.ndarray, start: np.n
     return ok
 
 
-def _idx(x: np.ndarray, n: int) -> np.ndarray:
-    """x clamped to [0, n - 1]: a safe gather index (the gathered value is masked where x was out)."""
-    return np.minimum(np.maximum(x, 0), n - 1)
-
-
 def _logsumexp_rows(lp: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """log(sum(exp(lp) where mask)) per row, -inf for empty rows."""
     x = np.where(mask, lp, -np.inf)
@@ -106,7 +101,7 @@ def _trie_state(trie: PrefixTrie, tid: np.ndarray, off: np.ndarray):
     was built, PrefixTrie.node_along): (node, -1 off the trie; longest target surface so far; its
     length). off = 0 is the root."""
     inside = (off > 0) & (tid >= 0) & (tid < len(trie.offsets))
-    at = _idx(trie.offsets[_idx(tid, len(trie.offsets))] + off - 1, len(trie.node_along))
+    at = clamp_index(trie.offsets[clamp_index(tid, len(trie.offsets))] + off - 1, len(trie.node_along))
     return (np.where(inside, trie.node_along[at], np.where(off > 0, -1, 0)), np.where(inside, trie.best_along[at], -1),
             np.where(inside, trie.best_len_along[at], 0))
 
@@ -190,11 +185,11 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
                                                      np.where(in_row, -np.inf, obs_lp[hJ]))))
 
     # 2. alternatives: every other candidate continuing past a, to the target token it starts with
-    safe = _idx(cand, len(surf.lengths))
+    safe = clamp_index(cand, len(surf.lengths))
     known = (cand >= 0) & (cand < len(surf.lengths))
     alt = cons & known & (cand != obs[hJ][:, None]) & (surf.lengths[safe] > dJ[:, None])
-    tgt_id = np.where(dJ[:, None] == 0, first[_idx(cand, len(first))],
-                      prefix_tab[_idx(surf.offsets[safe] + dJ[:, None], len(prefix_tab))])
+    tgt_id = np.where(dJ[:, None] == 0, first[clamp_index(cand, len(first))],
+                      prefix_tab[clamp_index(surf.offsets[safe] + dJ[:, None], len(prefix_tab))])
     tgt_id = np.where(alt & ~(surf.special[safe] & (dJ[:, None] > 0)), tgt_id, PAD_ID)
     # a target token that starts in the template: the source's candidates are pieces of the answer's
     # first word without the template's bytes, and the target token each would start with (" " +
@@ -234,7 +229,7 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
         mm = hJ[jj] + 1 + (np.arange(len(jj)) - np.repeat(np.cumsum(cnt) - cnt, cnt))
         rc5, rlp5 = top[mm], top_lp[mm]  # [Q, K]
         ok5 = (rc5 >= 0) & (rc5 < len(surf.lengths)) & (rc5 != obs[mm][:, None])
-        ok5 &= ~surf.special[_idx(rc5, len(surf.lengths))]
+        ok5 &= ~surf.special[clamp_index(rc5, len(surf.lengths))]
         at_tail = tp[jj] & (mm == lJ[jj])
         if at_tail.any():  # candidates sharing the label's tail text are in the label already
             rr, cc = np.nonzero(ok5 & at_tail[:, None])
@@ -250,7 +245,7 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
         r = nxt[Lk]
         rc6, rlp6 = top[r], top_lp[r]
         ok6 = (rc6 >= 0) & (rc6 < len(surf.lengths)) & (rc6 != obs[r][:, None])
-        ok6 &= ~surf.special[_idx(rc6, len(surf.lengths))]
+        ok6 &= ~surf.special[clamp_index(rc6, len(surf.lengths))]
         r6, c6 = np.nonzero(ok6)
         keep = trie_extends(trie, _trie_state(trie, tgt.ids[J[Lk]], bJ[Lk] - aJ[Lk])[0][r6], surf, rc6[r6, c6], 0)
         r6, c6 = r6[keep], c6[keep]
@@ -325,13 +320,7 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
     extra_lp[1] = label_lp[:, None]
     all_ids = np.concatenate(extra_ids, axis=1)
     all_lp = np.concatenate(extra_lp, axis=1) + renorm[:, None]
-    # rows with no entries from steps 5 and 6 (most) are merged over their first columns only
-    narrow = tgt_id.shape[1] + 1
-    wide = (all_ids[:, narrow:] >= 0).any(axis=1)
-    merged_ids = np.empty((len(J), k), dtype=np.int64)
-    merged_lp = np.empty((len(J), k), dtype=np.float32)
-    for rows, cols in ((~wide, narrow), (wide, all_ids.shape[1])):
-        merged_ids[rows], merged_lp[rows] = merge_entries(all_ids[rows, :cols], all_lp[rows, :cols], k)
+    merged_ids, merged_lp = merge_entries(all_ids, all_lp, k)
     # the label keeps a place among the k entries: its probability (the observed path) is the exact
     # part of the rule, the alternatives the approximate one
     lab = tgt.ids[J]
