@@ -206,6 +206,24 @@ def _surfaces_from_vocab(tokenizer, vocab: dict, fingerprint: str, byte_level: b
     return Surfaces(out, flat, offsets, lengths, special, fallback, is_added, fingerprint)
 
 
+def dropped_characters(tokenizer, chars) -> list[str]:
+    """The characters of `chars` (any iterable of 1-character strings) that `tokenizer` gives to no
+    token, sorted: a byte-level BPE whose vocabulary lacks a byte's symbol and has no unknown token
+    (SmolLM2: 0x04, 0x06, 0x13, 0x14, 0x16, 0x1D), or a normalizer that deletes them. A model never
+    sees those characters of its text. ASCII whitespace is left out (pre-tokenizers may drop it on
+    purpose, and the spans leave such gaps alone). Each character is encoded between two zeros (no
+    combining mark composes with a digit under NFC/NFKC) and checked against the offsets."""
+    backend = _backend(tokenizer)
+    out = []
+    for ch in sorted(set(chars)):
+        if len(ch) != 1 or (ord(ch) < 128 and _ASCII_SPACE[ord(ch)]):
+            continue
+        offsets = backend.encode("0" + ch + "0", add_special_tokens=False).offsets
+        if not any(s <= 1 < e for s, e in offsets):
+            out.append(ch)
+    return out
+
+
 def token_surface(tokenizer) -> list[bytes]:
     """Each vocabulary id's real surface bytes (what it contributes to decoded text)."""
     return surfaces(tokenizer).surfaces

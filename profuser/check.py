@@ -475,12 +475,36 @@ def _data_section(rep: CheckReport, cfg: RunConfig, command: str, res, data_path
         rep.add(f"  {roles[name]} {name}, max_length {max_len}, policy {cfg.data.overlength!r}: {c['fits']} fit, "
                 f"{c['truncated']} truncated, {c['rejected']} rejected{of}")
     rep.add(f"  {kept} of {len(rows)} records fit every model (normalize keeps only those){of}")
+    _dropped_characters(rep, rows, models, roles, of)
     if rows and not kept:
         rep.problems.append(f"no usable row: every record{of} is rejected by some model "
                             f"({', '.join(f'{k}: {v}' for k, v in reasons.items())}; e.g. {example})")
     if command in ("check", "prep"):
         rep.add("")
         check_alignment(cfg, loaded, usable[0], rep)
+
+
+def _record_chars(rec: dict) -> set[str]:
+    texts = [m.get("content") for m in rec["messages"]] + [rec.get("reference")]
+    return set().union(*(set(t) for t in texts if isinstance(t, str)))
+
+
+def _dropped_characters(rep: CheckReport, rows: list[dict], models: list, roles: dict, of: str) -> None:
+    """One line per model whose tokenizer drops characters that occur in the records (it never sees
+    them; training goes on without them)."""
+    from profuser.align import dropped_characters
+
+    per_record = [_record_chars(rec) for rec in rows]
+    chars = set().union(*per_record) if per_record else set()
+    for name, chat_model, _ in models:
+        if not _offsets_available(chat_model.tokenizer):  # no offsets to check against (MinED path)
+            continue
+        lost = set(dropped_characters(chat_model.tokenizer, chars))
+        if lost:
+            n = sum(1 for c in per_record if c & lost)
+            shown = ", ".join(f"U+{ord(c):04X}" for c in sorted(lost)[:8]) + (", ..." if len(lost) > 8 else "")
+            rep.add(f"  {roles[name]} {name}: its tokenizer drops {len(lost)} character(s) found in {n} record(s){of} "
+                    f"({shown}); that model never sees them (remove them from the data if they matter)")
 
 
 def load_and_preflight(args, command: str, **preflight_args) -> tuple[Optional[RunConfig], int]:

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from profuser.align import (
-    align_mined, align_response, align_spans, align_text, byte_decoder, dtw_path, edit_distance_matrix,
-    same_tokenizer, surfaces, token_spans, token_surface,
+    align_mined, align_response, align_spans, align_text, byte_decoder, dropped_characters, dtw_path,
+    edit_distance_matrix, same_tokenizer, surfaces, token_spans, token_surface,
 )
 from profuser.chat import BUILTIN_TEMPLATES, encode_chat, end_of_turn_id, split_response
 from profuser.tiny import build_tokenizer
@@ -125,6 +125,12 @@ def test_smollm2_drops_bytes_missing_from_its_alphabet(smollm2_tok):
     assert smollm2_tok.convert_ids_to_tokens(sp.ids.tolist()) == ["a", "b"]
     assert sp.starts.tolist() == [0, 2] and sp.ends.tolist() == [2, 3] and sp.exact.tolist() == [False, True]
     _covered("a\x06b", sp.starts, sp.ends)
+    # dropped_characters (profuser check's per-model line) finds exactly those, and nothing for the
+    # fixtures: combining marks that NFKC composes with the letter before them are not dropped
+    chars = [chr(c) for c in range(0x3000)] + ["\u00ad", "\u200b", "\ufeff", "\U0001F600"]
+    assert [ord(c) for c in dropped_characters(smollm2_tok, chars)] == [0x04, 0x06, 0x13, 0x14, 0x16, 0x1D]
+    for name in ("chatml_bpe", "vicuna_spm", "gemma_unigram"):
+        assert dropped_characters(build_tokenizer(name), chars) == [], name
 
 
 def test_same_tokenizer_detection(toks):

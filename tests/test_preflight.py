@@ -234,6 +234,25 @@ def test_special_token_strings_are_counted_by_check(tiny_config, tmp_path, capsy
     assert "1 record(s) escaped, 0 rejected" in capsys.readouterr().out
 
 
+def test_check_names_characters_a_tokenizer_drops(tiny_config, tiny_models, tmp_path, capsys):
+    """A source whose byte-level BPE lacks the symbol of byte 0x06 (and has no unknown token, like
+    SmolLM2) never sees that character: check says so per model, and the run is still READY."""
+    src = _copy_model(tiny_models, tmp_path)
+    tj = json.loads((src / "tokenizer.json").read_text())
+    assert tj["model"]["unk_token"] is None
+    del tj["model"]["vocab"]["\u0106"]  # GPT-2's printable stand-in for byte 0x06
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    tiny_config["sources"][0]["path"] = str(src)
+    odd = {"messages": [{"role": "user", "content": "Say \x06 twice"}, {"role": "assistant", "content": "\x06\x06"}]}
+    tiny_config["data"]["path"] = _data(tmp_path, [ROW, odd, {**ROW, "id": "third"}])
+    assert main(["check", _write(tiny_config, tmp_path)]) == 0
+    out = capsys.readouterr().out
+    name = tiny_config["sources"][0]["name"]
+    assert f"source {name}: its tokenizer drops 1 character(s) found in 1 record(s) (U+0006)" in out
+    assert "drops" not in out.replace(f"source {name}: its tokenizer drops", "")  # the other models drop nothing
+    assert "READY" in out
+
+
 def test_eval_preflight_needs_the_held_out_set(tiny_config, tmp_path, capsys):
     tiny_config["data"]["eval_path"] = None
     tiny_config["wandb"] = {"enabled": False}
