@@ -213,15 +213,9 @@ def dropped_characters(tokenizer, chars) -> list[str]:
     sees those characters of its text. ASCII whitespace is left out (pre-tokenizers may drop it on
     purpose, and the spans leave such gaps alone). Each character is encoded between two zeros (no
     combining mark composes with a digit under NFC/NFKC) and checked against the offsets."""
-    backend = _backend(tokenizer)
-    out = []
-    for ch in sorted(set(chars)):
-        if len(ch) != 1 or (ord(ch) < 128 and _ASCII_SPACE[ord(ch)]):
-            continue
-        offsets = backend.encode("0" + ch + "0", add_special_tokens=False).offsets
-        if not any(s <= 1 < e for s, e in offsets):
-            out.append(ch)
-    return out
+    todo = [ch for ch in sorted(set(chars)) if len(ch) == 1 and not (ord(ch) < 128 and _ASCII_SPACE[ord(ch)])]
+    encs = _backend(tokenizer).encode_batch(["0" + ch + "0" for ch in todo], add_special_tokens=False)
+    return [ch for ch, enc in zip(todo, encs) if not any(s <= 1 < e for s, e in enc.offsets)]
 
 
 def token_surface(tokenizer) -> list[bytes]:

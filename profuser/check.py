@@ -499,10 +499,10 @@ def _dropped_characters(rep: CheckReport, rows: list[dict], models: list, roles:
     for name, chat_model, _ in models:
         if not _offsets_available(chat_model.tokenizer):  # no offsets to check against (MinED path)
             continue
-        lost = set(dropped_characters(chat_model.tokenizer, chars))
+        lost = dropped_characters(chat_model.tokenizer, chars)  # sorted
         if lost:
-            n = sum(1 for c in per_record if c & lost)
-            shown = ", ".join(f"U+{ord(c):04X}" for c in sorted(lost)[:8]) + (", ..." if len(lost) > 8 else "")
+            n = sum(1 for c in per_record if not c.isdisjoint(lost))
+            shown = ", ".join(f"U+{ord(c):04X}" for c in lost[:8]) + (", ..." if len(lost) > 8 else "")
             rep.add(f"  {roles[name]} {name}: its tokenizer drops {len(lost)} character(s) found in {n} record(s){of} "
                     f"({shown}); that model never sees them (remove them from the data if they matter)")
 
