@@ -75,10 +75,11 @@ def load_tokenizer(spec: ModelConfig):
 
     directory, gguf = _split(spec.tokenizer or spec.path)
     kwargs = dict(trust_remote_code=spec.trust_remote_code)
-    if gguf:
-        kwargs["gguf_file"] = gguf
     try:
-        tok = AutoTokenizer.from_pretrained(directory, **kwargs)
+        if gguf:
+            tok = gguf_tokenizer(Path(directory) / gguf, spec.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(directory, **kwargs)
     except Exception as e:  # noqa: BLE001 — re-raised with the model named
         raise ModelLoadError(f"{spec.name}: cannot load tokenizer from {spec.tokenizer or spec.path!r}: {e}") from e
     if tok.pad_token_id is None:
@@ -92,6 +93,73 @@ def load_tokenizer(spec: ModelConfig):
         log.warning("%s: %s has no Rust backend and transformers cannot convert it: no character offsets, so "
                     "its tokens are aligned by MinED (1:1 pairs only)", spec.name, type(tok).__name__)
     return tok
+
+
+GGUF_TOKENIZER_CACHE = "gguf_tokenizers"  # under the user cache (prep.shards.user_cache_dir)
+
+
+def gguf_tokenizer(path: str | Path, name: str = "model"):
+    """The tokenizer stored in a GGUF file. transformers rebuilds it from the GGUF's metadata, which
+    takes 9 s for SmolLM2's 49k vocabulary and 30 s for Gemma-3's 262k on one core, at every load (every
+    stage, every rank); so the first load writes it as a tokenizer directory to the user cache, keyed
+    by the GGUF's content and the transformers and tokenizers versions, and later loads read that
+    (0.2-1 s). It is kept only when the saved copy reloads identically (tokenizer_difference); otherwise every load
+    converts, and a warning says why."""
+    import importlib.metadata as md
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from profuser.prep.shards import fingerprint, stable_hash, user_cache_dir
+
+    path = Path(path)
+    key = stable_hash({"gguf": fingerprint(path), "transformers": md.version("transformers"),
+                       "tokenizers": md.version("tokenizers")})
+    out = user_cache_dir() / GGUF_TOKENIZER_CACHE / f"{path.stem}-{key}"
+    if (out / "tokenizer_config.json").exists():
+        try:
+            return AutoTokenizer.from_pretrained(out)
+        except Exception as e:  # noqa: BLE001 — a damaged cache entry: convert again and rewrite it
+            log.warning("%s: cached tokenizer %s does not load (%s); converting the GGUF's again", name, out, e)
+            shutil.rmtree(out, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(tmp)
+        differs = tokenizer_difference(tok, AutoTokenizer.from_pretrained(tmp))
+        if differs:
+            log.warning("%s: the GGUF's tokenizer does not survive save_pretrained unchanged (%s); it is converted "
+                        "again at every load instead of being cached", name, differs)
+            return tok
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process cached it first
+            pass
+    except Exception as e:  # noqa: BLE001 — a read-only or full cache, a save that fails: work on without it
+        log.warning("%s: cannot cache the GGUF's tokenizer in %s (%s: %s)", name, out.parent, type(e).__name__, e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+def tokenizer_difference(a, b) -> Optional[str]:
+    """What differs between two tokenizers that should be the same (None when nothing found): class,
+    Rust backend (its whole serialization: vocabulary, merges, normalizer, pre-tokenizer, added
+    tokens, post-processor), chat template, special tokens."""
+    if type(a) is not type(b):
+        return f"class {type(a).__name__} vs {type(b).__name__}"
+    ba, bb = getattr(a, "backend_tokenizer", None), getattr(b, "backend_tokenizer", None)
+    if (ba is None) != (bb is None) or (ba is not None and ba.to_str() != bb.to_str()):
+        return "backend tokenizer"
+    if a.chat_template != b.chat_template:
+        return "chat template"
+    for attr in ("special_tokens_map", "all_special_ids", "bos_token_id", "eos_token_id", "pad_token_id",
+                 "unk_token_id"):
+        if getattr(a, attr, None) != getattr(b, attr, None):
+            return attr
+    return None
 
 
 def has_offsets(tok) -> bool:
@@ -235,6 +303,93 @@ def _safetensors_problem(f: Path) -> Optional[str]:
     return None
 
 
+_GGUF_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_problem(path: str | Path) -> Optional[str]:
+    """Why a GGUF file cannot be read (None when it can), from its header, metadata and tensor table
+    alone: the magic and version, every metadata value (arrays skipped by their lengths),
+    `general.architecture`, and whether the file is long enough for the data of every tensor the table
+    lists (a truncated download). Reads only the file's head; gguf's GGUFReader builds an object per
+    metadata item and takes 18 s on SmolLM2's GGUF, this 0.1 s."""
+    import mmap
+    import struct
+
+    from gguf.constants import GGML_QUANT_SIZES
+
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 24:
+        return f"not a GGUF file ({size} bytes)"
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            return f"not a GGUF file (starts with {bytes(buf[:4])!r}, not b'GGUF')"
+        end = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"  # as GGUFReader: a swapped version
+        version, n_tensors, n_kv = struct.unpack_from(end + "IQQ", buf, 4)
+        if version not in (2, 3):
+            return f"GGUF version {version} (readable: 2 and 3)"
+        pos = 24
+
+        def take(fmt: str):
+            nonlocal pos
+            out = struct.unpack_from(end + fmt, buf, pos)
+            pos += struct.calcsize(end + fmt)
+            return out[0] if len(out) == 1 else out
+
+        def string() -> bytes:
+            nonlocal pos
+            n = take("Q")
+            if pos + n > size:
+                raise struct.error(f"a string of {n} bytes at byte {pos} runs past the end")
+            pos += n
+            return buf[pos - n:pos]
+
+        def value(kind: int):
+            nonlocal pos
+            if kind == _GGUF_STRING:
+                return string()
+            if kind in _GGUF_SCALAR:
+                return take(_GGUF_SCALAR[kind])
+            if kind != _GGUF_ARRAY:
+                raise ValueError(f"unknown metadata value type {kind}")
+            item, count = take("IQ")
+            if item in _GGUF_SCALAR:
+                pos += count * struct.calcsize(_GGUF_SCALAR[item])
+            else:
+                for _ in range(count):
+                    value(item)
+            return None
+
+        try:
+            meta = {}
+            for _ in range(n_kv):
+                key = string().decode("utf-8", "replace")
+                meta[key] = value(take("I"))
+            if "general.architecture" not in meta:
+                return "GGUF without general.architecture"
+            data_end = 0
+            for _ in range(n_tensors):
+                name = string().decode("utf-8", "replace")
+                dims = take(f"{take('I')}Q")
+                dims = (dims,) if isinstance(dims, int) else dims
+                kind, offset = take("IQ")
+                if kind not in GGML_QUANT_SIZES:
+                    return f"tensor {name!r} has an unknown type {kind}"
+                block, nbytes = GGML_QUANT_SIZES[kind]
+                n = 1
+                for d in dims:
+                    n *= d
+                data_end = max(data_end, offset + n // block * nbytes)
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            return f"not a readable GGUF file ({type(e).__name__}: {e})"
+        align = meta.get("general.alignment") or 32
+        start = (pos + align - 1) // align * align
+        if size < start + data_end:
+            return f"truncated or damaged ({size} bytes; its tensor table needs {start + data_end})"
+    return None
+
+
 def weight_problems(path: str, allow_pickle: bool = False) -> list[str]:
     """What makes a model's weights unreadable, found without loading them: safetensors headers and
     sizes, a sharded index naming missing files, a GGUF that does not parse, pickles only."""
@@ -244,15 +399,8 @@ def weight_problems(path: str, allow_pickle: bool = False) -> list[str]:
     if p.suffix == ".gguf":
         if not p.is_file():
             return [f"{path}: GGUF file does not exist"]
-        try:
-            from gguf import GGUFReader
-
-            reader = GGUFReader(str(p))
-            if "general.architecture" not in reader.fields:
-                return [f"{path}: GGUF without general.architecture"]
-        except Exception as e:  # noqa: BLE001 — any parse failure is a damaged file
-            return [f"{path}: not a readable GGUF file ({type(e).__name__}: {e})"]
-        return []
+        problem = gguf_problem(p)
+        return [f"{path}: {problem}"] if problem else []
     if not p.is_dir():
         return [f"{path}: neither a directory nor a .gguf file"]
     files = sorted(x for x in p.iterdir() if x.is_file())

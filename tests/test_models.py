@@ -118,3 +118,104 @@ def test_fixture_tokenizers_are_the_same_in_every_process():
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(2)]
     assert runs[0] == runs[1], f"fixture tokenizers differ between processes: {runs}"
+
+
+def _small_gguf(path):
+    """A GGUF written by gguf's own writer: metadata of every value kind (arrays of strings, nested
+    arrays), tensors of three types, one of them quantized (Q8_0), none a multiple of the alignment."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_uint8("t.u8", 7)
+    w.add_int64("t.i64", -3)
+    w.add_float64("t.f64", 0.5)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "café")
+    w.add_array("t.strs", ["a", "", "中文", "x" * 300])
+    w.add_array("t.nested", [[1, 2], [3]])
+    w.add_array("t.floats", [0.25, 1.5, -2.0])
+    w.add_tensor("a", np.arange(7, dtype=np.float32))
+    w.add_tensor("b", np.ones((3, 5), dtype=np.float16))
+    q = quantize(np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32), GGMLQuantizationType.Q8_0)
+    w.add_tensor("c", q, raw_dtype=GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_problem_reads_header_metadata_and_tensor_table(tmp_path):
+    """gguf_problem agrees with gguf's GGUFReader on a well-formed file and finds every truncation that
+    cuts into the metadata, the tensor table or the data of any tensor (GGUFReader's own offsets)."""
+    from gguf import GGUFReader
+
+    from profuser.models import gguf_problem, weight_problems
+
+    f = tmp_path / "small.gguf"
+    _small_gguf(f)
+    data = f.read_bytes()
+    reader = GGUFReader(str(f))
+    assert {"a", "b", "c"} == {t.name for t in reader.tensors}
+    needed = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    assert gguf_problem(f) is None and weight_problems(str(f)) == []
+    cut = tmp_path / "cut.gguf"
+    header_end = min(int(t.data_offset) for t in reader.tensors)
+    for n in sorted({0, 3, 4, 23, 24, 25, 100, header_end - 1, header_end, needed - 1, *range(30, header_end, 37)}):
+        cut.write_bytes(data[:n])
+        problem = gguf_problem(cut)
+        assert problem is not None, n
+        if n >= header_end:
+            assert problem == f"truncated or damaged ({n} bytes; its tensor table needs {needed})"
+    cut.write_bytes(b"GGML" + data[4:])
+    assert gguf_problem(cut).startswith("not a GGUF file (starts with b'GGML'")
+    cut.write_bytes(data[:4] + (9).to_bytes(4, "little") + data[8:])
+    assert gguf_problem(cut) == "GGUF version 9 (readable: 2 and 3)"
+    cut.write_bytes(data.replace(b"general.architecture", b"general.architectury"))
+    assert gguf_problem(cut) == "GGUF without general.architecture"
+    assert weight_problems(str(cut)) == [f"{cut}: GGUF without general.architecture"]
+
+
+@pytest.mark.slow
+def test_real_gguf_files_pass_and_their_truncations_do_not(smollm2_path, tmp_path):
+    from profuser.models import gguf_problem
+
+    assert gguf_problem(smollm2_path) is None
+    size = __import__("os").path.getsize(smollm2_path)
+    cut = tmp_path / "cut.gguf"
+    with open(smollm2_path, "rb") as src:
+        cut.write_bytes(src.read(size - 1))
+    assert gguf_problem(cut) == f"truncated or damaged ({size - 1} bytes; its tensor table needs {size})"
+
+
+@pytest.mark.slow
+def test_gguf_tokenizer_is_converted_once_then_read_from_the_user_cache(smollm2_path, smollm2_tok, tmp_path,
+                                                                        monkeypatch, caplog):
+    """The first load converts the GGUF's tokenizer and caches it; later loads read the cache and give the
+    same tokenizer as transformers' own GGUF conversion (smollm2_tok); a damaged entry is converted again."""
+    from profuser.models import GGUF_TOKENIZER_CACHE, gguf_tokenizer, load_tokenizer, tokenizer_difference
+
+    monkeypatch.setenv("PROFUSER_CACHE", str(tmp_path / "cache"))
+    first = gguf_tokenizer(smollm2_path, "smollm2")
+    (entry,) = (tmp_path / "cache" / GGUF_TOKENIZER_CACHE).iterdir()
+    assert tokenizer_difference(first, smollm2_tok) is None
+    again = load_tokenizer(ModelConfig(path=smollm2_path, name="smollm2"))
+    assert str(again.name_or_path) == str(entry)  # read from the cache, not converted
+    again = gguf_tokenizer(smollm2_path)  # load_tokenizer set a pad token; the GGUF has none
+    assert str(again.name_or_path) == str(entry)
+    (entry / "tokenizer.json").write_text("{")
+    with caplog.at_level(logging.WARNING, logger="profuser"):
+        redone = gguf_tokenizer(smollm2_path, "smollm2")
+    assert "does not load" in caplog.text and tokenizer_difference(redone, smollm2_tok) is None
+    assert tokenizer_difference(gguf_tokenizer(smollm2_path), smollm2_tok) is None  # the entry was rewritten
+    # the comparison can fail: a changed chat template, an added token, another end token are found
+    other = gguf_tokenizer(smollm2_path)
+    other.chat_template = "{{ messages }}"
+    assert tokenizer_difference(other, smollm2_tok) == "chat template"
+    other = gguf_tokenizer(smollm2_path)
+    other.add_tokens(["Hello world"])
+    assert tokenizer_difference(other, smollm2_tok) == "backend tokenizer"
+    assert tokenizer_difference(again, smollm2_tok) is None
+    again.eos_token = "<empty_output>"
+    assert tokenizer_difference(again, smollm2_tok) == "special_tokens_map"
