@@ -28,7 +28,11 @@ For every tokenizer family Y of profuser.tiny (chatml_bpe, vicuna_spm, gemma_uni
 - each student's held-out bits per byte of response text (the tokens that encode the text, end of
   turn excluded, over its UTF-8 bytes) on fresh sentences of the same chain;
 - tv_to_same_tokenizer_teacher: the mean total-variation distance between (c)'s rows and (b)'s rows
-  at the student's positions (no training involved: a low-noise view of the same question).
+  at the student's positions (no training involved: a low-noise view of the same question);
+- word_start_agreement: the share of the corpus words whose first teacher token goes, by the rule's
+  vocabulary table, to the student's own first token of the word (no training; the same for every
+  seed): where it misses, a next-word candidate teaches a token the student does not start that word
+  with.
 
 transfer_efficiency(X -> Y) = (bpb_a - bpb_c) / (bpb_a - bpb_b): 1 means the cross-tokenizer teacher
 helps as much as a same-tokenizer one. Goal >= 0.8 for every pair. Printed twice, side by side:
@@ -241,6 +245,31 @@ def distill_rows(student: ChatSide, teacher: ChatSide, trows: list[dict], rule: 
     return rows, {"coverage": round(covered / positions, 4)}
 
 
+def word_start_agreement(teacher: ChatSide, student: ChatSide, words: list[str], rule: str) -> float:
+    """Share of the corpus words whose first teacher token (the word after another: " w") goes by the
+    rule's vocabulary table ("after": vocab_map.pair_tables' longest-prefix map; "before": identical
+    surfaces) to the student tokenizer's own first token of that word. A next-word candidate of the
+    teacher gives its probability to that table entry, so where the two differ the student is taught a
+    token its own tokenizer does not start the word with. No training: the same for every seed."""
+    from profuser.align import token_spans
+    from profuser.vocab_map import build_vocab_map, pair_tables
+
+    pairs = {teacher.eot: student.eot}
+    table = (pair_tables(teacher.tokenizer, student.tokenizer, "prefix", pairs)[0] if rule == "after"
+             else build_vocab_map(teacher.tokenizer, student.tokenizer, "exact", pairs))
+    hit = 0
+    for w in words:
+        text = f"{words[0]} {w} {words[0]}"
+        lo = len(words[0])
+
+        def first_token(tok) -> int:
+            sp = token_spans(tok, text)
+            return int(sp.ids[np.flatnonzero((sp.starts >= lo) & (sp.starts < lo + 1 + len(w)))[0]])
+
+        hit += int(table[first_token(teacher.tokenizer)] == first_token(student.tokenizer))
+    return round(hit / len(words), 4)
+
+
 def row_distance(rows: list[dict], same: list[dict]) -> float:
     """Mean total-variation distance between the transferred teacher rows and the same-family
     teacher's own rows, over the response positions where both have entries (each row's entries
@@ -361,6 +390,7 @@ def main(argv=None) -> None:
                 gain = bpb_a - bpb_b
                 entry[rule] = {"bpb_same_tokenizer_teacher": bpb_b, "bpb_cross_tokenizer_teacher": bpb_c,
                                "coverage": info["coverage"],
+                               "word_start_agreement": word_start_agreement(sides[x], sy, chain[0], rule),
                                "tv_to_same_tokenizer_teacher": round(row_distance(rows, same_rows), 4),
                                "transfer_efficiency": round((bpb_a - bpb_c) / gain, 3) if gain > 0 else None}
             say(f"{x} -> {y}: {json.dumps(entry)}")
@@ -410,6 +440,7 @@ def over_seeds(args, argv: list[str]) -> None:
             effs = [e["transfer_efficiency"] for e in per if e["transfer_efficiency"] is not None]
             entry[rule] = {"transfer_efficiency": round(float((a - c) / (a - b)), 3) if a > b else None,
                            "per_seed": [e["transfer_efficiency"] for e in per],
+                           "word_start_agreement": per[0].get("word_start_agreement"),
                            "tv_to_same_tokenizer_teacher": round(float(np.mean(
                                [e.get("tv_to_same_tokenizer_teacher", np.nan) for e in per])), 4),
                            "min": min(effs, default=None), "max": max(effs, default=None)}
