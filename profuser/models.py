@@ -100,7 +100,7 @@ GGUF_TOKENIZER_CACHE = "gguf_tokenizers"  # under the user cache (prep.shards.us
 
 def gguf_tokenizer(path: str | Path, name: str = "model"):
     """The tokenizer stored in a GGUF file. transformers rebuilds it from the GGUF's metadata at every
-    load (every stage, every rank): 10 s for SmolLM2's 49k vocabulary, 35 s for Gemma-3's 262k, on
+    load (every stage, every rank): 9 s for SmolLM2's 49k vocabulary, 31 s for Gemma-3's 262k, on
     one core. So the first load writes it as a tokenizer directory to the user cache, keyed by the
     GGUF's content and the transformers and tokenizers versions, and later loads read that (0.5 s
     and 4 s). It is kept only when the saved copy reloads identically (tokenizer_difference);

@@ -1,6 +1,7 @@
 """Model loading from local directories and GGUF; attention choice; remote code and pickle safety."""
 import json
 import logging
+import os
 import shutil
 
 import pytest
@@ -182,7 +183,7 @@ def test_real_gguf_files_pass_and_their_truncations_do_not(smollm2_path, tmp_pat
     from profuser.models import gguf_problem
 
     assert gguf_problem(smollm2_path) is None
-    size = __import__("os").path.getsize(smollm2_path)
+    size = os.path.getsize(smollm2_path)
     cut = tmp_path / "cut.gguf"
     with open(smollm2_path, "rb") as src:
         cut.write_bytes(src.read(size - 1))
