@@ -149,13 +149,16 @@ def test_every_text_position_gets_a_teacher_across_tokenizers(tiny_suite, tiny_m
     """Every teacher row of every source (chosen or not, both modes) through the align stage's own
     functions: each target position holding response text (or the end of turn) gets a distribution
     that contains its own label, the prompt gets none, and the 1:1 rule alone would leave many
-    positions without one."""
+    positions without one. The stage, which projects a shard's samples together, wrote the same
+    rows as these one-sample calls."""
     from profuser.chat import end_of_turn_id
     from profuser.prep.align_stage import TeacherRows, Target, align_sample, make_pair
 
     cfg = parse_config(tiny_config_dict(tiny_suite, prepped))
     tgt = Target(target, end_of_turn_id(target.tokenizer, target.template), 256)
     records = {k[0]: r for k, r in rows_by_key(prepped, "normalize", "records").items()}
+    stage = {m: {r["id"]: r for r in part_table(prepped, "align", m).to_pylist()} for m in PREP_MODES}
+    compared = 0
     for src in SOURCES:
         pair = make_pair(cfg, tmp_path, cfg.model(src), tgt)
         text_share, one_share = [], []
@@ -172,6 +175,12 @@ def test_every_text_position_gets_a_teacher_across_tokenizers(tiny_suite, tiny_m
                 labels = out["input_ids"][P:]
                 # the label is an entry unless k more probable ones filled the row
                 assert all(labels[q] in top[P + q] or (top[P + q] >= 0).all() for q in np.flatnonzero(has))
+                written = stage[m].get(rid)
+                if written is not None and written["source"] == src:
+                    for col in ("input_ids", "topk_ids", "topk_logprobs", "n_transferred", "kept_mass"):
+                        np.testing.assert_array_equal(np.array(written[col], dtype=np.asarray(out[col]).dtype),
+                                                      out[col], err_msg=f"{src} {m} {rid} {col}")
+                    compared += 1
                 text_share.append(out["n_text_transferred"] / out["n_text"])
                 one_share.append(out["n_aligned"] / out["n_response"])
                 assert out["n_transferred"] >= out["n_aligned"] and out["n_transferred"] >= out["n_text_transferred"]
@@ -180,6 +189,7 @@ def test_every_text_position_gets_a_teacher_across_tokenizers(tiny_suite, tiny_m
             assert (text_share == 1).all() and (one_share == 1).all()
         else:  # another tokenizer: every text position still gets a teacher; the 1:1 rule left many out
             assert text_share.mean() > 0.99 and one_share.mean() < 0.9, (src, text_share.mean(), one_share.mean())
+    assert compared == sum(len(v) for v in stage.values())  # every row the stage wrote
 
 
 def test_alignment_statistics_in_the_manifest_and_wandb(prepped, base_dict):
