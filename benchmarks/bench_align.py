@@ -63,7 +63,7 @@ sys.path.insert(0, str(REPO))
 
 from profuser.align import align_text, response_tokens, surfaces  # noqa: E402
 from profuser.chat import BUILTIN_TEMPLATES, end_of_turn_id  # noqa: E402
-from profuser.prep.align_stage import PROJECT_BATCH_TOKENS  # noqa: E402
+from profuser.prep.align_stage import PROJECT_BATCH_TOKENS, token_batches  # noqa: E402
 from profuser.tiny import FAMILIES, build_tokenizer, corpus_lines  # noqa: E402
 from profuser.transfer import Projection, project, project_many  # noqa: E402
 from profuser.vocab_map import build_vocab_map, map_topk, pair_tables, prefix_trie  # noqa: E402
@@ -220,36 +220,29 @@ def synthetic_topk(src_tok, texts, k: int = 10, seed: int = 0):
 def project_run(src_tok, tgt_tok, texts, rows, first, by_byte, trie, k: int = 10,
                 batch_tokens: int = PROJECT_BATCH_TOKENS):
     """The project's rule over every text, as the align stage runs it: each text tokenized on both
-    sides with spans, then the texts projected together in project_many calls of at most
-    `batch_tokens` target tokens (plus one text; the stage's prep/align_stage.project_rows);
-    batch_tokens=0: one project call per text. (seconds, target tokens, covered, kept-share sum)."""
+    sides with spans, then the texts projected together in project_many calls of `batch_tokens`
+    target tokens (align_stage.token_batches, as the stage's project_rows); batch_tokens=0: one
+    project call per text. (seconds, target tokens, covered, kept-share sum)."""
     surf = surfaces(src_tok)
     t0 = time.perf_counter()
     n = hit = 0
     kept = 0.0
-
-    def flush(items):
-        nonlocal n, hit, kept
-        if batch_tokens:
-            done = project_many(items, surf, first, by_byte, k, trie=trie)
-        else:
-            done = [project(it.src, it.tgt, it.n_resp, surf, first, by_byte, it.topk_ids, it.topk_logprobs,
-                            it.token_logprobs, k, trie=trie) for it in items]
-        for it, tr in zip(items, done):
-            n += len(it.tgt.ids)
-            hit += int(tr.covered.sum())
-            kept += float(tr.kept[tr.covered].sum())
-
-    items, size = [], 0
+    items = []
     for text, (top, lp, obs) in zip(texts, rows):
         src, tgt = response_tokens(src_tok, text, 0, text), response_tokens(tgt_tok, text, 0, text)
         items.append(Projection(src, tgt, len(text.encode("utf-8")), top, lp, obs))
-        size += len(tgt.ids)
-        if size >= batch_tokens:
-            flush(items)
-            items, size = [], 0
-    if items:
-        flush(items)
+    for part in token_batches([len(it.tgt.ids) for it in items], batch_tokens):
+        batch = [items[i] for i in part]
+        if batch_tokens:
+            done = project_many(batch, surf, first, by_byte, k, trie=trie)
+        else:
+            it = batch[0]
+            done = [project(it.src, it.tgt, it.n_resp, surf, first, by_byte, it.topk_ids, it.topk_logprobs,
+                            it.token_logprobs, k, trie=trie)]
+        for it, tr in zip(batch, done):
+            n += len(it.tgt.ids)
+            hit += int(tr.covered.sum())
+            kept += float(tr.kept[tr.covered].sum())
     return time.perf_counter() - t0, n, hit, kept
 
 

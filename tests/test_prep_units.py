@@ -205,3 +205,20 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_models)
     b = HFGenerator(cm, sampling).generate(prompts, seed=7)
     c = HFGenerator(cm, sampling).generate(prompts, seed=8)
     assert [g.token_ids for g in a] == [g.token_ids for g in b] != [g.token_ids for g in c]
+
+
+def test_token_batches_close_at_the_cap_and_keep_every_text_once():
+    """The align stage's projection batches: consecutive texts, each batch closed as soon as it holds
+    `cap` target tokens (so below cap + the last text's size), every text exactly once; cap 0 gives
+    one text per batch."""
+    from profuser.prep.align_stage import token_batches
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sizes = rng.integers(0, 50, size=int(rng.integers(0, 30))).tolist()
+        cap = int(rng.integers(0, 120))
+        parts = token_batches(sizes, cap)
+        assert [i for p in parts for i in p] == list(range(len(sizes)))
+        for p in parts[:-1]:
+            assert sum(sizes[i] for i in p) >= cap and sum(sizes[i] for i in p[:-1]) < max(cap, 1)
+        assert all(len(p) == 1 for p in token_batches(sizes, 0))

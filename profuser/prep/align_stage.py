@@ -163,7 +163,19 @@ class PendingRow:
     projection: object  # profuser.transfer.Projection
     enc: object  # the target's encode_chat result
     in_text: np.ndarray  # bool [m]: target response positions holding response text or the end of turn
-    k: int
+
+
+def token_batches(sizes, cap: int = PROJECT_BATCH_TOKENS) -> list[list[int]]:
+    """Consecutive indices of `sizes` (target tokens per text) in batches that close once they hold
+    `cap` tokens or more (so at most cap plus one text); cap 0: one text per batch."""
+    out, total = [], 0
+    for i, n in enumerate(sizes):
+        if not out or total >= cap:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += n
+    return out
 
 
 def project_rows(pair: Pair, pending: list[PendingRow]) -> list[dict]:
@@ -174,21 +186,15 @@ def project_rows(pair: Pair, pending: list[PendingRow]) -> list[dict]:
     from profuser.transfer import project_many
 
     out: list[Optional[dict]] = [None] * len(pending)
-    by_k: dict[int, list[int]] = {}
+    by_k: dict[int, list[int]] = {}  # the teacher's top-k width (the same for every row of a stage)
     for i, p in enumerate(pending):
-        by_k.setdefault(p.k, []).append(i)
+        by_k.setdefault(p.projection.topk_ids.shape[1], []).append(i)
     src_tok = pair.chat_model.tokenizer
     for k, idx in by_k.items():
-        # calls of at most PROJECT_BATCH_TOKENS target tokens (plus one sample), so that the rule's
-        # [positions, candidates] work arrays stay tens of MB whatever the shard size
-        calls, size = [[]], 0
-        for i in idx:
-            if size >= PROJECT_BATCH_TOKENS:
-                calls.append([])
-                size = 0
-            calls[-1].append(i)
-            size += len(pending[i].projection.tgt.ids)
-        for call in calls:
+        # calls of about PROJECT_BATCH_TOKENS target tokens, so that the rule's [positions,
+        # candidates] work arrays stay tens of MB whatever the shard size
+        for part in token_batches([len(pending[i].projection.tgt.ids) for i in idx]):
+            call = [idx[j] for j in part]
             items = [pending[i].projection for i in call]
             need = max(int(max(it.src.ids.max(initial=-1), np.max(it.topk_ids, initial=-1))) for it in items)
             for i, tr in zip(call, project_many(items, surfaces(src_tok, need), pair.first, pair.by_byte, k,
@@ -262,7 +268,7 @@ def prepare_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict
         kept = covered.astype(np.float64)
         one = np.ones(m, dtype=bool)
         return _full_row(enc, ids, lps, covered, in_text, kept, one, "copy", k)
-    return PendingRow(Projection(src, tgt_rt, n_resp, topk_ids, topk_logprobs, token_logprobs, eot), enc, in_text, k)
+    return PendingRow(Projection(src, tgt_rt, n_resp, topk_ids, topk_logprobs, token_logprobs, eot), enc, in_text)
 
 
 def _full_row(enc, ids, lps, covered, in_text, kept, one, method: str, k: int) -> dict:
@@ -461,10 +467,6 @@ class AlignStage(Stage):
             found[rec["id"]] = (rank, out)
             bar.update(1, out["n_response"])
 
-        def project_group(src: str, group: list) -> None:
-            for (rec, rank, _), out in zip(group, project_rows(pairs[src], [p for *_, p in group])):
-                settle(rec, rank, out)
-
         while todo:
             waiting: dict[str, list[tuple[dict, int, PendingRow]]] = {}
             for rec, rank in todo:
@@ -480,13 +482,12 @@ class AlignStage(Stage):
                 if not isinstance(ready, PendingRow):
                     settle(rec, rank, ready)
                     continue
-                group = waiting.setdefault(src, [])
-                group.append((rec, rank, ready))
-                if sum(len(p.projection.tgt.ids) for *_, p in group) >= PROJECT_BATCH_TOKENS:
-                    project_group(src, waiting.pop(src))
-            for src, group in waiting.items():
-                project_group(src, group)
-            todo, nxt = nxt, []
+                waiting.setdefault(src, []).append((rec, rank, ready))
+            for src, group in waiting.items():  # project_rows batches them by target tokens
+                for (rec, rank, _), out in zip(group, project_rows(pairs[src], [p for *_, p in group])):
+                    settle(rec, rank, out)
+            todo = list(nxt)
+            nxt.clear()
         for rec in records:  # rows, reject lines and statistics in record order
             rejects += why.get(rec["id"], [])
             if rec["id"] not in found:
