@@ -34,6 +34,17 @@ For every tokenizer family Y of profuser.tiny (chatml_bpe, vicuna_spm, gemma_uni
   seed): where it misses, a next-word candidate teaches a token the student does not start that word
   with.
 
+Two diagnostics, off by default (they add a second teacher per family, or ~10 minutes per seed):
+- --peer: a second teacher of every family (another init and batch order, the same data), matched
+  like (b) and distilled the same way (rows copied): peer_efficiency = (bpb_a - bpb_peer) /
+  (bpb_a - bpb_b), what ANOTHER model of the same quality and the same tokenizer transfers;
+- --ideal: WordOracle's rows: the cross-tokenizer teacher's own probabilities of every corpus word
+  (and of the sentence's end) after each context, spelled with the student's own tokens and
+  conditioned on the student's tokens of the word so far. No rule, no vocabulary table, no top-k of
+  the teacher's rows: what a perfect transfer of the teacher's next-word knowledge gives, the
+  ceiling of any rule; the same oracle on the same-family teacher checks the oracle itself (its
+  rows should be close to that teacher's own rows, and teach as well).
+
 transfer_efficiency(X -> Y) = (bpb_a - bpb_c) / (bpb_a - bpb_b): 1 means the cross-tokenizer teacher
 helps as much as a same-tokenizer one. Goal >= 0.8 for every pair. Printed twice, side by side:
 "after" = this project's rule (every covered position, longest-prefix vocabulary, the teacher's rest
@@ -53,6 +64,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -245,6 +257,149 @@ def distill_rows(student: ChatSide, teacher: ChatSide, trows: list[dict], rule: 
     return rows, {"coverage": round(covered / positions, 4)}
 
 
+def region_tokens(side: ChatSide, text: str) -> Optional[tuple[int, ...]]:
+    """The tokens `side` spells a word region with (" word", " word." or "."), read from a chat
+    rendering of the response "Xx" + text + " xx" (so the region sits between two words, as in the
+    corpus); None when its tokens do not start and end exactly at the region's bounds."""
+    resp = "Xx" + text + (" xx" if not text.endswith(".") else "")
+    e = side.encode(resp)
+    c = e.text.find(resp, e.boundary)
+    spans = np.asarray(e.offsets[e.prompt_len:], dtype=np.int64).reshape(-1, 2) - c
+    ids = e.input_ids[e.prompt_len:]
+    inside = [j for j in range(len(spans)) if 2 <= spans[j, 0] < 2 + len(text)]
+    if not inside or spans[inside[0], 0] != 2 or spans[inside[-1], 1] != 2 + len(text):
+        return None
+    return tuple(int(ids[j]) for j in inside)
+
+
+class WordOracle:
+    """bench-only --ideal: what a perfect cross-tokenizer transfer of the teacher's next-WORD
+    knowledge would give. At each context (a sentence's first i words), the teacher's probability of
+    every corpus outcome -- " w" then a space, " w." (the sentence ends with w), or "." (it ends here)
+    -- from the teacher itself along its own tokens of the outcome; a student position inside word
+    i gets P(student's next token | its tokens of word i so far) over those outcomes, spelled with the
+    student's OWN tokens. No rule, no vocabulary table, no top-k of the teacher's rows: the ceiling of
+    any transfer rule on this corpus (one assumption: both tokenizers split at spaces)."""
+
+    def __init__(self, words: list[str]):
+        self.words = words
+        self._seq: dict = {}
+        self._ctx: dict = {}
+
+    def seq(self, side: ChatSide, text: str):
+        key = (side.family, text)
+        if key not in self._seq:
+            self._seq[key] = region_tokens(side, text)
+        return self._seq[key]
+
+    def outcomes(self, model, side: ChatSide, ctx: str) -> dict[str, float]:
+        """log P_teacher(outcome | prompt, ctx) for the outcomes " w ", " w." (every word w), one batch."""
+        import torch
+
+        from profuser.align import surfaces
+
+        e = side.encode(ctx)
+        head = list(e.input_ids[:e.prompt_len]) + [t for t, keep in zip(e.input_ids[e.prompt_len:],
+                                                                        e.text_tokens(ctx)) if keep]
+        surf = surfaces(side.tokenizer)
+        names, tails, ends = [], [], []
+        for w in self.words:
+            for tail in (" ", "."):
+                sq = self.seq(side, " " + w + ("." if tail == "." else ""))
+                if sq is None:
+                    continue
+                names.append(" " + w + tail)
+                tails.append(list(sq))
+                ends.append(tail == " ")
+        # the context once (its cache shared by every outcome), then the outcomes' own tokens
+        width = max(len(q) for q in tails)
+        pad = side.tokenizer.pad_token_id or 0
+        ids = torch.tensor([q + [pad] * (width - len(q)) for q in tails])
+        lens = torch.tensor([len(q) for q in tails])
+        n0, B = len(head), len(tails)
+        with torch.inference_mode():
+            first = model(input_ids=torch.tensor([head]), use_cache=True)
+            cache = first.past_key_values
+            cache.batch_repeat_interleave(B)
+            mask = torch.cat([torch.ones(B, n0, dtype=torch.long),
+                              (torch.arange(width)[None, :] < lens[:, None]).long()], dim=1)
+            logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+            # position t of the outcome is predicted by the context's last logits (t = 0) or the
+            # outcome's token t - 1
+            pred = torch.cat([first.logits[:, -1:].expand(B, 1, -1), logits], dim=1).float().log_softmax(-1)
+        space = torch.zeros(pred.shape[-1], dtype=torch.bool)
+        n = min(len(surf.surfaces), pred.shape[-1])
+        space[:n] = torch.tensor([b[:1] == b" " for b in surf.surfaces[:n]])
+        tok = torch.cat([ids, torch.full((B, 1), pad)], dim=1)
+        got = pred.gather(2, tok[:, :, None]).squeeze(2)  # [B, width + 1]
+        valid = torch.arange(width + 1)[None, :] < lens[:, None]
+        lp = torch.where(valid, got, torch.zeros_like(got)).sum(1)
+        after = pred[torch.arange(B), lens]  # the row after the outcome's last token
+        lp = lp + torch.where(torch.tensor(ends), after[:, space].logsumexp(-1), torch.zeros_like(lp))
+        return dict(zip(names, lp.tolist()))
+
+    def rows(self, model, key, tside: ChatSide, sside: ChatSide, sents: list[str], base: list[dict]) -> tuple[list[dict], dict]:
+        """Student rows whose positions inside words 2..n carry the oracle's distribution (the first
+        word and the end of turn keep `base`'s rows)."""
+        out, done, total = [], 0, 0
+        for s, row in zip(sents, base):
+            ids = np.array(row["topk_ids"], copy=True)
+            lps = np.array(row["topk_logprobs"], copy=True)
+            e = sside.encode(s)
+            c = e.text.find(s, e.boundary)
+            spans = np.asarray(e.offsets[e.prompt_len:], dtype=np.int64).reshape(-1, 2) - c
+            resp = e.input_ids[e.prompt_len:]
+            ws = s[:-1].split(" ")
+            end_lp = None  # log P(the sentence ends at ctx), from the previous word's two completions
+            ctx_lp = None
+            for i in range(1, len(ws)):
+                ctx = " ".join(ws[:i])
+                lo, hi = len(ctx), len(ctx) + 1 + len(ws[i]) + (1 if i == len(ws) - 1 else 0)
+                inside = [j for j in range(len(spans)) if lo <= spans[j, 0] < hi]
+                if (key, ctx) not in self._ctx:  # the teacher's outcomes: the same for every student
+                    self._ctx[(key, ctx)] = self.outcomes(model, tside, ctx)
+                lp_o = self._ctx[(key, ctx)]
+                if ctx_lp is not None:  # P(end | ctx) = P(" w.") / (P(" w.") + P(" w ")) of the previous word
+                    a, b = ctx_lp.get(" " + ws[i - 1] + "."), ctx_lp.get(" " + ws[i - 1] + " ")
+                    end_lp = a - np.logaddexp(a, b) if a is not None and b is not None else None
+                ctx_lp = lp_o
+                total += len(inside)
+                if not inside or spans[inside[0], 0] != lo or spans[inside[-1], 1] != hi:
+                    continue
+                seqs = {}
+                for w in self.words:
+                    for tail in (" ", "."):
+                        sq = self.seq(sside, " " + w + ("." if tail == "." else ""))
+                        if sq is not None and " " + w + tail in lp_o:
+                            seqs[" " + w + tail] = (sq, lp_o[" " + w + tail])
+                # the sentence ending after word i-1 (".") is consistent with the student's tokens only
+                # where the student spells the period as its own token after that word
+                dot = self.seq(sside, ".")
+                prev_sp, prev_dot = self.seq(sside, " " + ws[i - 1]), self.seq(sside, " " + ws[i - 1] + ".")
+                if end_lp is not None and dot and prev_sp and prev_dot == prev_sp + dot:
+                    seqs["."] = (dot, end_lp)
+                observed = tuple(int(t) for t in (resp[j] for j in inside))
+                for t, j in enumerate(inside):
+                    pre = observed[:t]
+                    cons = [(sq, lp) for sq, lp in seqs.values() if sq[:t] == pre]
+                    if not cons:
+                        continue
+                    z = np.logaddexp.reduce([lp for _, lp in cons])
+                    by: dict[int, float] = {}
+                    for sq, lp in cons:
+                        if len(sq) > t:
+                            by[sq[t]] = np.logaddexp(by.get(sq[t], -np.inf), lp - z)
+                    top = sorted(by.items(), key=lambda kv: -kv[1])[:K]
+                    p = e.prompt_len + j
+                    ids[p] = -1
+                    lps[p] = -np.inf
+                    for q, (v, lp) in enumerate(top):
+                        ids[p, q], lps[p, q] = v, lp
+                    done += 1
+            out.append({**row, "topk_ids": ids, "topk_logprobs": lps.astype(np.float16)})
+        return out, {"oracle_positions": round(done / max(total, 1), 4)}
+
+
 def word_start_agreement(teacher: ChatSide, student: ChatSide, words: list[str], rule: str) -> float:
     """Share of the corpus words whose first teacher token (the word after another: " w") goes by the
     rule's vocabulary table ("after": vocab_map.pair_tables' longest-prefix map; "before": identical
@@ -300,6 +455,16 @@ def main(argv=None) -> None:
                    help="run the 'after' rule without its trie steps (profuser.transfer steps 3, 5, 6), as first built")
     p.add_argument("--snapshot-every", type=int, default=25,
                    help="keep each teacher's weights every N steps, for matching teacher quality between families")
+    p.add_argument("--peer", action="store_true",
+                   help="also train a second teacher of every family (another init and batch order, same data) and "
+                        "distill each student from its own family's peer of the pair's quality (rows copied): "
+                        "peer_efficiency = (bpb_a - bpb_peer) / (bpb_a - bpb_b) is what a DIFFERENT teacher of the same "
+                        "quality and the same tokenizer transfers, the ceiling a cross-tokenizer teacher (another "
+                        "model too) is measured against")
+    p.add_argument("--ideal", action="store_true",
+                   help="also distill each student from the WordOracle's rows: the cross-tokenizer teacher's own "
+                        "next-word probabilities spelled in the student's tokens (no rule, no table): the ceiling of "
+                        "any transfer rule; and the same oracle on the same-family teacher, as a check of the oracle")
     p.add_argument("--seed", type=int, default=0, help="seed of the chain, the data and the inits")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these tiny models, and on a loaded machine)")
     p.add_argument("--seeds", default=None,
@@ -326,35 +491,47 @@ def main(argv=None) -> None:
     # every teacher is trained the same way, with its weights kept every --snapshot-every steps and
     # their held-out bits per byte measured: the families do not reach the same quality in the same
     # steps, so each pair compares teachers of matched quality (below)
-    curves, teacher_bpb = {}, {}
-    for f, side in sides.items():
+    def teach(f: str, init: int, order: int) -> list:
+        """Family f's teacher trained from init seed `init` with batch order `order`: its snapshots as
+        (step, held-out bits per byte, weights)."""
+        side = sides[f]
         t0 = time.time()
         snaps: list = []
-        train(side.model(args.seed + 10), sft_rows(side, teach_sents), args.teacher_steps, 3e-3, 32, args.seed,
+        train(side.model(init), sft_rows(side, teach_sents), args.teacher_steps, 3e-3, 32, order,
               side.tokenizer.pad_token_id, snapshots=snaps, every=args.snapshot_every)
-        probe = side.model(args.seed + 10)
-        curves[f] = []
+        probe = side.model(init)
+        curve = []
         for step, weights in snaps:
             probe.load_state_dict(weights)
             probe.eval()
-            curves[f].append((step, round(bits_per_byte(probe, side, held_out), 4), weights))
-        teacher_bpb[f] = curves[f][-1][1]
-        say(f"teacher {f}: held-out {teacher_bpb[f]} bits/byte after {args.teacher_steps} steps ({time.time() - t0:.0f}s)")
+            curve.append((step, round(bits_per_byte(probe, side, held_out), 4), weights))
+        say(f"teacher {f} (init {init}): held-out {curve[-1][1]} bits/byte after {args.teacher_steps} steps "
+            f"({time.time() - t0:.0f}s)")
+        return curve
 
-    def matched(f: str, level: float) -> tuple[int, float]:
-        """(step, bpb) of family f's snapshot whose held-out bits per byte is closest to `level`."""
-        step, bpb, _ = min(curves[f], key=lambda c: (abs(c[1] - level), -c[0]))
+    curves = {f: teach(f, args.seed + 10, args.seed) for f in sides}
+    teacher_bpb = {f: c[-1][1] for f, c in curves.items()}
+    # --peer: a second teacher per family, another model of the same data and tokenizer
+    peers = {f: teach(f, args.seed + 11, args.seed + 1) for f in sides} if args.peer else {}
+
+    def matched(curve: list, level: float) -> tuple[int, float]:
+        """(step, bpb) of the snapshot in `curve` whose held-out bits per byte is closest to `level`."""
+        step, bpb, _ = min(curve, key=lambda c: (abs(c[1] - level), -c[0]))
         return step, bpb
 
     row_cache: dict = {}
 
-    def trows(f: str, step: int) -> list[dict]:
-        if (f, step) not in row_cache:
-            m = sides[f].model(args.seed + 10)
-            m.load_state_dict(next(w for s_, _, w in curves[f] if s_ == step))
-            m.eval()
-            row_cache[(f, step)] = teacher_rows(m, sides[f], student_sents)
-        return row_cache[(f, step)]
+    def tmodel(f: str, step: int, peer: bool = False):
+        m = sides[f].model(args.seed + (11 if peer else 10))
+        m.load_state_dict(next(w for s_, _, w in (peers if peer else curves)[f] if s_ == step))
+        return m.eval()
+
+    def trows(f: str, step: int, peer: bool = False) -> list[dict]:
+        if (f, step, peer) not in row_cache:
+            row_cache[(f, step, peer)] = teacher_rows(tmodel(f, step, peer), sides[f], student_sents)
+        return row_cache[(f, step, peer)]
+
+    oracle = WordOracle(chain[0]) if args.ideal else None
 
     def student(y: str, rows: list[dict], rest: str) -> float:
         s = sides[y]
@@ -377,7 +554,7 @@ def main(argv=None) -> None:
                 continue
             # teachers of the same quality: the stronger family's snapshot closest to the weaker's final
             level = max(teacher_bpb[x], teacher_bpb[y])
-            (sx, vx), (sy_step, vy) = matched(x, level), matched(y, level)
+            (sx, vx), (sy_step, vy) = matched(curves[x], level), matched(curves[y], level)
             entry = {"bpb_sft": bpb_a, "teachers": {"cross": {"family": x, "step": sx, "bpb": vx},
                                                     "same": {"family": y, "step": sy_step, "bpb": vy}}}
             for rule, rest in rests.items():
@@ -386,6 +563,8 @@ def main(argv=None) -> None:
                     b_cache[(y, sy_step, rule)] = student(y, same_rows, rest)
                 bpb_b = b_cache[(y, sy_step, rule)]
                 rows, info = distill_rows(sy, sides[x], trows(x, sx), rule, trie=not args.no_trie)
+                if rule == "after":
+                    after_rows, after_same = rows, same_rows
                 bpb_c = student(y, rows, rest)
                 gain = bpb_a - bpb_b
                 entry[rule] = {"bpb_same_tokenizer_teacher": bpb_b, "bpb_cross_tokenizer_teacher": bpb_c,
@@ -393,6 +572,30 @@ def main(argv=None) -> None:
                                "word_start_agreement": word_start_agreement(sides[x], sy, chain[0], rule),
                                "tv_to_same_tokenizer_teacher": round(row_distance(rows, same_rows), 4),
                                "transfer_efficiency": round((bpb_a - bpb_c) / gain, 3) if gain > 0 else None}
+            if oracle is not None:
+                t0 = time.time()
+                ideal, info = oracle.rows(tmodel(x, sx), (x, sx), sides[x], sy, student_sents, after_rows)
+                bpb_i = student(y, ideal, "other")
+                gain = bpb_a - entry["after"]["bpb_same_tokenizer_teacher"]
+                entry["ideal"] = {"bpb_cross_tokenizer_teacher": bpb_i, **info,
+                                  "tv_to_same_tokenizer_teacher": round(row_distance(ideal, after_same), 4),
+                                  "transfer_efficiency": round((bpb_a - bpb_i) / gain, 3) if gain > 0 else None}
+                if (y, sy_step, "ideal_same") not in b_cache:  # the oracle on the same-family teacher itself
+                    own, _ = oracle.rows(tmodel(y, sy_step), (y, sy_step), sy, sy, student_sents, after_same)
+                    b_cache[(y, sy_step, "ideal_same")] = (student(y, own, "other"), round(row_distance(own, after_same), 4))
+                bpb_o, tv_o = b_cache[(y, sy_step, "ideal_same")]
+                entry["ideal"]["same_teacher"] = {"bpb": bpb_o, "tv_to_its_own_rows": tv_o,
+                                                  "transfer_efficiency": round((bpb_a - bpb_o) / gain, 3) if gain > 0 else None}
+                say(f"ideal {x} -> {y}: {entry['ideal']} ({time.time() - t0:.0f}s)")
+            if args.peer:
+                sp, vp = matched(peers[y], level)
+                if (y, sp, "peer") not in b_cache:
+                    b_cache[(y, sp, "peer")] = student(y, distill_rows(sy, sides[y], trows(y, sp, True), "after")[0],
+                                                       "other")
+                gain = bpb_a - entry["after"]["bpb_same_tokenizer_teacher"]
+                entry["peer"] = {"family": y, "step": sp, "bpb": vp, "bpb_student": b_cache[(y, sp, "peer")],
+                                 "peer_efficiency": round((bpb_a - b_cache[(y, sp, "peer")]) / gain, 3)
+                                 if gain > 0 else None}
             say(f"{x} -> {y}: {json.dumps(entry)}")
             result["pairs"][f"{x} -> {y}"] = entry
     eff = {rule: [v[rule]["transfer_efficiency"] for v in result["pairs"].values()] for rule in rests}
@@ -444,6 +647,23 @@ def over_seeds(args, argv: list[str]) -> None:
                            "tv_to_same_tokenizer_teacher": round(float(np.mean(
                                [e.get("tv_to_same_tokenizer_teacher", np.nan) for e in per])), 4),
                            "min": min(effs, default=None), "max": max(effs, default=None)}
+        # the diagnostics against the "after" rule's (a) and (b), like its efficiency
+        a = np.mean([runs[s]["pairs"][pair]["bpb_sft"] for s in seeds])
+        b = np.mean([runs[s]["pairs"][pair]["after"]["bpb_same_tokenizer_teacher"] for s in seeds])
+        if "ideal" in runs[seeds[0]]["pairs"][pair]:
+            per = [runs[s]["pairs"][pair]["ideal"] for s in seeds]
+            c, o = np.mean([e["bpb_cross_tokenizer_teacher"] for e in per]), np.mean([e["same_teacher"]["bpb"] for e in per])
+            entry["ideal"] = {"transfer_efficiency": round(float((a - c) / (a - b)), 3) if a > b else None,
+                              "per_seed": [e["transfer_efficiency"] for e in per],
+                              "tv_to_same_tokenizer_teacher": round(float(np.mean([e["tv_to_same_tokenizer_teacher"]
+                                                                                   for e in per])), 4),
+                              "same_teacher_efficiency": round(float((a - o) / (a - b)), 3) if a > b else None,
+                              "same_teacher_tv_to_its_own_rows": round(float(np.mean(
+                                  [e["same_teacher"]["tv_to_its_own_rows"] for e in per])), 4)}
+        if "peer" in runs[seeds[0]]["pairs"][pair]:
+            p_ = np.mean([runs[s]["pairs"][pair]["peer"]["bpb_student"] for s in seeds])
+            entry["peer_efficiency"] = round(float((a - p_) / (a - b)), 3) if a > b else None
+            entry["peer_per_seed"] = [runs[s]["pairs"][pair]["peer"]["peer_efficiency"] for s in seeds]
         summary[pair] = entry
     teacher_bpb = {f: round(float(np.mean([runs[s]["teacher_bpb"][f] for s in seeds])), 4)
                    for f in runs[seeds[0]]["teacher_bpb"]}
