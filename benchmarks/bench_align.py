@@ -258,18 +258,23 @@ def word_starts(src, tgt, texts, first) -> dict:
     its corpus words: where it misses, a source candidate for the next word teaches a token the target
     does not start that word with), and the share where the source's token is a bare space (a
     candidate standing for a set of words, the rule giving its mass to the target's bare space)."""
-    src_surf = surfaces(src).surfaces
+    bare_tok = np.fromiter((b == b" " for b in surfaces(src).surfaces), dtype=bool)
     n = hit = bare = 0
     for text in texts:
-        raw = text.encode("utf-8", "surrogatepass")
-        a, b = token_spans(src, text), token_spans(tgt, text)
-        sa = dict(zip(a.starts.tolist(), a.ids.tolist()))
-        sb = dict(zip(b.starts.tolist(), b.ids.tolist()))
-        for k in range(1, len(raw) - 1):
-            if raw[k] == 32 and raw[k - 1] != 32 and raw[k + 1] not in (32, 10) and k in sa and k in sb:
-                n += 1
-                hit += int(first[sa[k]] == sb[k])
-                bare += int(src_surf[sa[k]] == b" ")
+        raw = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+        at = 1 + np.flatnonzero((raw[1:-1] == 32) & (raw[:-2] != 32) & (raw[2:] != 32) & (raw[2:] != 10))
+        ids = []
+        for sp in (token_spans(src, text), token_spans(tgt, text)):  # the last token starting at each byte
+            if not len(sp.starts):
+                ids.append(np.full(len(at), -1))
+                continue
+            j = np.maximum(np.searchsorted(sp.starts, at, side="right") - 1, 0)
+            ids.append(np.where(sp.starts[j] == at, sp.ids[j], -1))
+        a, b = ids
+        both = (a >= 0) & (b >= 0)
+        n += int(both.sum())
+        hit += int((first[a[both]] == b[both]).sum())
+        bare += int(bare_tok[a[both]].sum())
     return {"word_starts": n, "word_start_agreement": round(hit / max(n, 1), 4),
             "source_bare_space_share": round(bare / max(n, 1), 4)}
 

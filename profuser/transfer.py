@@ -123,11 +123,18 @@ def project(src: ResponseTokens, tgt: ResponseTokens, n_resp: int, surf: Surface
     without offsets): then only those 1:1 pairs are used.
     """
     m = len(tgt.ids)
-    eots = np.zeros((0, 2), dtype=np.int64)
-    if eot is not None and eot[0] is not None and eot[1] is not None and 0 <= eot[1] < m:
-        eots = np.array([[eot[0], eot[1]]], dtype=np.int64)
+    pair = _eot_pair(eot, m)
+    eots = np.array([pair] if pair else [], dtype=np.int64).reshape(-1, 2)
     return _project(src, tgt, np.zeros(m, dtype=np.int64), np.full(m, n_resp, dtype=np.int64), surf, first,
                     prefix_tab, topk_ids, topk_logprobs, token_logprobs, k, eots, pairs, trie, exact_only)
+
+
+def _eot_pair(eot: Optional[tuple], m: int) -> Optional[tuple[int, int]]:
+    """The (source index, target index) end-of-turn pair when both exist and the target index is one
+    of the m target tokens, else None."""
+    if eot is None or eot[0] is None or eot[1] is None or not 0 <= eot[1] < m:
+        return None
+    return int(eot[0]), int(eot[1])
 
 
 @dataclass
@@ -175,8 +182,8 @@ def project_many(items: Sequence[Projection], surf: Surfaces, first: np.ndarray,
         cur += pad + len(s.text)
         prev_end = o + hi
         shift.append(o)
-        e = it.eot
-        if e is not None and e[0] is not None and e[1] is not None and 0 <= e[1] < len(t.ids):
+        e = _eot_pair(it.eot, len(t.ids))
+        if e:
             eots.append((e[0] + n_src, e[1] + n_tgt))
         n_src += len(s.ids)
         n_tgt += len(t.ids)

@@ -58,8 +58,8 @@ from profuser.prep.stages import Context, Progress, Stage, model_deps, read_reco
 
 ALIGN_VERSION = 4  # bump when the alignment rules change (invalidates align and build)
 # target tokens per project_many call: the rule's throughput on AlpacaEval answers (README,
-# bench_align) rises 1.1-1.7x from one call per text to 4k-16k tokens and falls again at 64k (cache
-# misses); its peak memory at 16k is 45-103 MB
+# bench_align's call-size sweep, 400 answers) rises 1.56-1.67x from one call per text to 4k-16k tokens
+# and falls again at 64k (cache misses); its peak memory at 16k is 45-103 MB
 PROJECT_BATCH_TOKENS = 16384
 STAT_KEYS = ("rows", "fallback_rows", "response_positions", "text_positions", "text_transferred", "aligned",
              "transferred", "kept_mass_sum", "mass_sum", "copy_rows")
