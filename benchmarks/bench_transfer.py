@@ -34,7 +34,8 @@ For every tokenizer family Y of profuser.tiny (chatml_bpe, vicuna_spm, gemma_uni
   seed): where it misses, a next-word candidate teaches a token the student does not start that word
   with.
 
-Two diagnostics, off by default (a seed takes about 7 minutes with --peer, 9.5 with --ideal, against 6):
+Three diagnostics, off by default (a seed takes about 7 minutes with --peer, 9.5 with --ideal, 9
+with --lookahead, against 6):
 - --peer: a second teacher of every family (another init and batch order, the same data), matched
   like (b) and distilled the same way (rows copied): peer_efficiency = (bpb_a - bpb_peer) /
   (bpb_a - bpb_b), what ANOTHER model of the same quality and the same tokenizer transfers;
@@ -43,7 +44,11 @@ Two diagnostics, off by default (a seed takes about 7 minutes with --peer, 9.5 w
   conditioned on the student's tokens of the word so far. No rule, no vocabulary table, no top-k of
   the teacher's rows: what a perfect transfer of the teacher's next-word knowledge gives, the
   ceiling of any rule; the same oracle on the same-family teacher checks the oracle itself (its
-  rows should be close to that teacher's own rows, and teach as well).
+  rows should be close to that teacher's own rows, and teach as well);
+- --lookahead: WordLookahead's rows: the same construction from outcomes the cross-tokenizer
+  teacher finds itself (its top-k next tokens at each word start, each followed to the end of its
+  word by a beam over its own continuations), with nothing of the corpus: the teacher-stage word
+  lookahead the README proposes, and its cost (teacher forwards and paths per word start).
 
 transfer_efficiency(X -> Y) = (bpb_a - bpb_c) / (bpb_a - bpb_b): 1 means the cross-tokenizer teacher
 helps as much as a same-tokenizer one. Goal >= 0.8 for every pair. Printed twice, side by side:
@@ -285,6 +290,9 @@ class WordOracle:
         self.words = words
         self._seq: dict = {}
         self._ctx: dict = {}
+        self.cost: dict = {}  # (key, context) -> (teacher forwards, paths scored) of its outcomes
+        self.used: list = []  # the (key, context) pairs of the last rows() call
+        self.last_cost = (1, 0)
 
     def seq(self, side: ChatSide, text: str):
         key = (side.family, text)
@@ -342,6 +350,7 @@ class WordOracle:
         """Student rows whose positions inside words 2..n carry the oracle's distribution (the first
         word and the end of turn keep `base`'s rows)."""
         out, done, total = [], 0, 0
+        self.used = []
         for s, row in zip(sents, base):
             ids = np.array(row["topk_ids"], copy=True)
             lps = np.array(row["topk_logprobs"], copy=True)
@@ -358,6 +367,8 @@ class WordOracle:
                 inside = [j for j in range(len(spans)) if lo <= spans[j, 0] < hi]
                 if (key, ctx) not in self._ctx:  # the teacher's outcomes: the same for every student
                     self._ctx[(key, ctx)] = self.outcomes(model, tside, ctx)
+                    self.cost[(key, ctx)] = self.last_cost
+                self.used.append((key, ctx))
                 lp_o = self._ctx[(key, ctx)]
                 if ctx_lp is not None:  # P(end | ctx) = P(" w.") / (P(" w.") + P(" w ")) of the previous word
                     a, b = ctx_lp.get(" " + ws[i - 1] + "."), ctx_lp.get(" " + ws[i - 1] + " ")
@@ -367,17 +378,17 @@ class WordOracle:
                 if not inside or spans[inside[0], 0] != lo or spans[inside[-1], 1] != hi:
                     continue
                 seqs = {}
-                for w in self.words:
-                    for tail in (" ", "."):
-                        sq = self.seq(sside, " " + w + ("." if tail == "." else ""))
-                        if sq is not None and " " + w + tail in lp_o:
-                            seqs[" " + w + tail] = (sq, lp_o[" " + w + tail])
+                for name, lp in lp_o.items():  # " w " (the word, then a space) and " w." (then the end)
+                    sq = self.seq(sside, name[:-1] if name.endswith(" ") else name) if name != "." else None
+                    if sq is not None:
+                        seqs[name] = (sq, lp)
                 # the sentence ending after word i-1 (".") is consistent with the student's tokens only
                 # where the student spells the period as its own token after that word
                 dot = self.seq(sside, ".")
                 prev_sp, prev_dot = self.seq(sside, " " + ws[i - 1]), self.seq(sside, " " + ws[i - 1] + ".")
-                if end_lp is not None and dot and prev_sp and prev_dot == prev_sp + dot:
-                    seqs["."] = (dot, end_lp)
+                end = lp_o.get(".", end_lp)
+                if end is not None and dot and prev_sp and prev_dot == prev_sp + dot:
+                    seqs["."] = (dot, end)
                 observed = tuple(int(t) for t in (resp[j] for j in inside))
                 for t, j in enumerate(inside):
                     pre = observed[:t]
@@ -398,6 +409,76 @@ class WordOracle:
                     done += 1
             out.append({**row, "topk_ids": ids, "topk_logprobs": lps.astype(np.float16)})
         return out, {"oracle_positions": round(done / max(total, 1), 4)}
+
+
+class WordLookahead(WordOracle):
+    """bench-only --lookahead: the teacher-stage word lookahead that the README's design proposes,
+    with nothing of the corpus: at each context (a sentence's first i words), the teacher's top-k
+    next tokens (k = the stored rows' K), each followed to the end of its word by a beam over the
+    teacher's own continuations (at most `branch` pieces per path and step, `beam` paths in all,
+    `steps` steps after the candidate, no path below `min_prob`). A path ends its word with the
+    probability of the tokens that start with a space (outcome " w ") or of "." (outcome " w."); a
+    top-k candidate "." is the outcome "." (the sentence ends here). Every outcome keeps the teacher's own probability of it;
+    mass outside the top-k, the beam or the steps is lost. The student's rows are then built from
+    these outcomes exactly as WordOracle builds them from the corpus words (spelled with the
+    student's own tokens, conditioned on its tokens of the word so far). Teacher forwards per
+    context: one for the context, one per step for the live paths."""
+
+    def __init__(self, k: int = K, branch: int = 4, beam: int = 32, steps: int = 8, min_prob: float = 1e-3):
+        super().__init__([])
+        self.k, self.branch, self.beam, self.steps = k, branch, beam, steps
+        self.min_lp = math.log(min_prob) if min_prob > 0 else -math.inf
+
+    def outcomes(self, model, side: ChatSide, ctx: str) -> dict[str, float]:
+        import torch
+
+        from profuser.align import surfaces
+
+        e = side.encode(ctx)
+        head = list(e.input_ids[:e.prompt_len]) + [t for t, keep in zip(e.input_ids[e.prompt_len:],
+                                                                        e.text_tokens(ctx)) if keep]
+        surf = surfaces(side.tokenizer)
+        V = model.get_output_embeddings().weight.shape[0]
+        raw = [surf.surfaces[i] if i < len(surf.surfaces) and not surf.special[i] else b"" for i in range(V)]
+        space = torch.tensor([b[:1] == b" " and len(b) > 0 for b in raw])
+        dot = torch.tensor([b == b"." for b in raw])
+        piece = torch.tensor([len(b) > 0 and b[:1].isalpha() for b in raw])  # continues the word
+        out: dict[str, float] = {}
+        self.spellings: dict[str, list] = {}  # outcome -> its teacher token paths (each with the ending's tokens)
+
+        def add(name: str, lp: float, path: list) -> None:
+            out[name] = float(np.logaddexp(out.get(name, -np.inf), lp))
+            self.spellings.setdefault(name, []).append(path)
+
+        forwards, scored = 1, 0
+        with torch.inference_mode():
+            first = model(input_ids=torch.tensor([head])).logits[0, -1].float().log_softmax(-1)
+            top = first.topk(self.k)
+            paths = []  # (teacher tokens after the context, log-prob)
+            for lp, c in zip(top.values.tolist(), top.indices.tolist()):
+                if dot[c]:
+                    add(".", lp, [c])
+                elif space[c]:
+                    paths.append(([c], lp))
+            for _ in range(self.steps):
+                if not paths:
+                    break
+                # every live path has grown by one token per step: one batch, no padding
+                nxt = model(input_ids=torch.tensor([head + q for q, _ in paths])).logits[:, -1].float().log_softmax(-1)
+                forwards += 1
+                scored += len(paths)
+                grown = []
+                for (q, lp), row in zip(paths, nxt):
+                    text = b"".join(raw[t] for t in q).decode("utf-8", "replace")
+                    if text.strip():
+                        add(text + " ", lp + float(row[space].logsumexp(0)), q + ["space"])
+                        add(text + ".", lp + float(row[dot].logsumexp(0)), q + ["."])
+                    cont = torch.where(piece, row, torch.full_like(row, -torch.inf)).topk(self.branch)
+                    grown += [(q + [t], lp + v) for v, t in zip(cont.values.tolist(), cont.indices.tolist())
+                              if lp + v > self.min_lp]
+                paths = sorted(grown, key=lambda x: -x[1])[:self.beam]
+        self.last_cost = (forwards, scored)
+        return out
 
 
 def word_start_agreement(teacher: ChatSide, student: ChatSide, words: list[str], rule: str) -> float:
@@ -465,6 +546,16 @@ def main(argv=None) -> None:
                    help="also distill each student from the WordOracle's rows: the cross-tokenizer teacher's own "
                         "next-word probabilities spelled in the student's tokens (no rule, no table): the ceiling of "
                         "any transfer rule; and the same oracle on the same-family teacher, as a check of the oracle")
+    p.add_argument("--lookahead", action="store_true",
+                   help="also distill each student from WordLookahead's rows: the cross-tokenizer teacher's top-k "
+                        "next tokens at each word start, each followed to the end of its word by a beam over the "
+                        "teacher's own continuations, spelled in the student's tokens (the teacher-stage word "
+                        "lookahead the README proposes, with nothing of the corpus)")
+    p.add_argument("--lookahead-branch", type=int, default=4, help="--lookahead: continuations kept per path and step")
+    p.add_argument("--lookahead-beam", type=int, default=32, help="--lookahead: live paths kept per step, in all")
+    p.add_argument("--lookahead-steps", type=int, default=8, help="--lookahead: steps after the top-k candidate")
+    p.add_argument("--lookahead-min-prob", type=float, default=1e-3,
+                   help="--lookahead: a path is not followed once its probability falls below this")
     p.add_argument("--seed", type=int, default=0, help="seed of the chain, the data and the inits")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these tiny models, and on a loaded machine)")
     p.add_argument("--seeds", default=None,
@@ -532,6 +623,8 @@ def main(argv=None) -> None:
         return row_cache[(f, step, peer)]
 
     oracle = WordOracle(chain[0]) if args.ideal else None
+    look = (WordLookahead(K, args.lookahead_branch, args.lookahead_beam, args.lookahead_steps, args.lookahead_min_prob)
+            if args.lookahead else None)
 
     def student(y: str, rows: list[dict], rest: str) -> float:
         s = sides[y]
@@ -587,6 +680,19 @@ def main(argv=None) -> None:
                 entry["ideal"]["same_teacher"] = {"bpb": bpb_o, "tv_to_its_own_rows": tv_o,
                                                   "transfer_efficiency": round((bpb_a - bpb_o) / gain, 3) if gain > 0 else None}
                 say(f"ideal {x} -> {y}: {entry['ideal']} ({time.time() - t0:.0f}s)")
+            if look is not None:
+                t0 = time.time()
+                la_rows, info = look.rows(tmodel(x, sx), (x, sx), sides[x], sy, student_sents, after_rows)
+                bpb_l = student(y, la_rows, "other")
+                gain = bpb_a - entry["after"]["bpb_same_tokenizer_teacher"]
+                cost = np.array([look.cost[u] for u in look.used], dtype=float).reshape(-1, 2)
+                entry["lookahead"] = {"bpb_cross_tokenizer_teacher": bpb_l, **info,
+                                      "tv_to_same_tokenizer_teacher": round(row_distance(la_rows, after_same), 4),
+                                      # per word start of the student sentences: batched teacher forwards, paths scored
+                                      "forwards_per_context": round(float(cost[:, 0].mean()), 2),
+                                      "paths_per_context": round(float(cost[:, 1].mean()), 1),
+                                      "transfer_efficiency": round((bpb_a - bpb_l) / gain, 3) if gain > 0 else None}
+                say(f"lookahead {x} -> {y}: {entry['lookahead']} ({time.time() - t0:.0f}s)")
             if args.peer:
                 sp, vp = matched(peers[y], level)
                 if (y, sp, "peer") not in b_cache:
@@ -660,6 +766,15 @@ def over_seeds(args, argv: list[str]) -> None:
                               "same_teacher_efficiency": round(float((a - o) / (a - b)), 3) if a > b else None,
                               "same_teacher_tv_to_its_own_rows": round(float(np.mean(
                                   [e["same_teacher"]["tv_to_its_own_rows"] for e in per])), 4)}
+        if "lookahead" in runs[seeds[0]]["pairs"][pair]:
+            per = [runs[s]["pairs"][pair]["lookahead"] for s in seeds]
+            c = np.mean([e["bpb_cross_tokenizer_teacher"] for e in per])
+            entry["lookahead"] = {"transfer_efficiency": round(float((a - c) / (a - b)), 3) if a > b else None,
+                                  "per_seed": [e["transfer_efficiency"] for e in per],
+                                  "tv_to_same_tokenizer_teacher": round(float(np.mean(
+                                      [e["tv_to_same_tokenizer_teacher"] for e in per])), 4),
+                                  "forwards_per_context": round(float(np.mean([e["forwards_per_context"] for e in per])), 2),
+                                  "paths_per_context": round(float(np.mean([e["paths_per_context"] for e in per])), 1)}
         if "peer" in runs[seeds[0]]["pairs"][pair]:
             p_ = np.mean([runs[s]["pairs"][pair]["peer"]["bpb_student"] for s in seeds])
             entry["peer_efficiency"] = round(float((a - p_) / (a - b)), 3) if a > b else None

@@ -90,3 +90,47 @@ def test_word_oracle_rows_are_conditionals_in_the_students_own_tokens(bench):
                 ok.add(student.tokenizer.convert_tokens_to_ids("."))
             assert set(ids) <= ok, (s, j, set(ids) - ok)
     assert seen > 10
+
+
+@pytest.mark.parametrize("family", ["chatml_bpe", "gemma_unigram"])
+def test_word_lookahead_outcomes_are_the_teachers_own_path_probabilities(bench, family):
+    """--lookahead: every outcome's score is the log-sum of its recorded teacher paths, each scored
+    alone in one full forward (candidate, continuations, then any space token or "."), and each path
+    spells the outcome's text; the outcomes' total is at most 1; a wider beam only adds mass, a
+    probability floor only removes paths."""
+    from profuser.align import surfaces
+
+    side = bench.ChatSide(family)
+    model = side.model(4).eval()
+    ctx = "Apples end"
+    look = bench.WordLookahead(k=6, branch=3, beam=8, steps=3, min_prob=0.0)
+    got = look.outcomes(model, side, ctx)
+    assert got and math.fsum(math.exp(v) for v in got.values()) <= 1 + 1e-6
+    e = side.encode(ctx)
+    head = list(e.input_ids[:e.prompt_len]) + [t for t, k in zip(e.input_ids[e.prompt_len:], e.text_tokens(ctx)) if k]
+    surf = surfaces(side.tokenizer).surfaces
+    space = [i for i in range(len(surf)) if surf[i][:1] == b" " and not surfaces(side.tokenizer).special[i]]
+    dot = [i for i in range(len(surf)) if surf[i] == b"."]
+    checked = 0
+    for name, paths in look.spellings.items():
+        scores = []
+        for path in paths:
+            toks = [t for t in path if isinstance(t, int)]
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([head + toks])).logits[0].double().log_softmax(-1)
+            lp = sum(float(logp[len(head) - 1 + i, t]) for i, t in enumerate(toks))
+            if path[-1] == "space":
+                lp += float(logp[-1, space].logsumexp(0))
+                assert b"".join(surf[t] for t in toks).decode() + " " == name
+            elif path[-1] == "." and name != ".":
+                lp += float(logp[-1, dot].logsumexp(0))
+                assert b"".join(surf[t] for t in toks).decode() + "." == name
+            scores.append(lp)
+        assert got[name] == pytest.approx(float(np.logaddexp.reduce(scores)), abs=2e-4), name
+        checked += 1
+    assert checked >= 10
+    wide = bench.WordLookahead(k=6, branch=3, beam=32, steps=3, min_prob=0.0).outcomes(model, side, ctx)
+    assert all(wide[n] >= v - 1e-5 for n, v in got.items())
+    floor = bench.WordLookahead(k=6, branch=3, beam=8, steps=3, min_prob=2e-4)
+    pruned = floor.outcomes(model, side, ctx)
+    assert 0 < len(pruned) < len(got) and all(v <= got[n] + 1e-5 for n, v in pruned.items())
