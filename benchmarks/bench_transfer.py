@@ -418,11 +418,11 @@ class WordLookahead(WordOracle):
     teacher's own continuations (at most `branch` pieces per path and step, `beam` paths in all,
     `steps` steps after the candidate, no path below `min_prob`). A path ends its word with the
     probability of the tokens that start with a space (outcome " w ") or of "." (outcome " w."); a
-    top-k candidate "." is the outcome "." (the sentence ends here). Every outcome keeps the teacher's own probability of it;
-    mass outside the top-k, the beam or the steps is lost. The student's rows are then built from
-    these outcomes exactly as WordOracle builds them from the corpus words (spelled with the
-    student's own tokens, conditioned on its tokens of the word so far). Teacher forwards per
-    context: one for the context, one per step for the live paths."""
+    top-k candidate "." is the outcome "." (the sentence ends here). Every outcome keeps the
+    teacher's own probability of it; mass outside the top-k, the beam or the steps is lost. The
+    student's rows are then built from these outcomes exactly as WordOracle builds them from the
+    corpus words (spelled with the student's own tokens, conditioned on its tokens of the word so
+    far). Teacher forwards per context: one for the context, one per step for the live paths."""
 
     def __init__(self, k: int = K, branch: int = 4, beam: int = 32, steps: int = 8, min_prob: float = 1e-3):
         super().__init__([])
