@@ -307,7 +307,8 @@ def measure(src, src_eot, tgt, tgt_eot, texts, ref_texts, batch_tokens: int = PR
     n_sub = n_ref = hit_ref = 0
     # every pair's reference starts with an empty memo: the memo is keyed by token strings, which the
     # pairs share, so a pair run after others would find their entries (the last pair, SmolLM2 ->
-    # Gemma-3, ran its reference 1.57x faster after the four others than from an empty memo)
+    # Gemma-3, ran its reference 1.57x faster after the four others than from an empty memo, in one
+    # side-by-side measurement on a loaded machine)
     _levenshtein.cache_clear()
     for lo in range(0, len(ref_texts), 5):
         t0 = time.perf_counter()

@@ -290,9 +290,25 @@ class WordOracle:
         self.words = words
         self._seq: dict = {}
         self._ctx: dict = {}
+        self._classes: dict = {}
         self.cost: dict = {}  # (key, context) -> (teacher forwards, paths scored) of its outcomes
         self.used: list = []  # the (key, context) pairs of the last rows() call
         self.last_cost = (1, 0)
+
+    def classes(self, side: ChatSide, n: int):
+        """Per token id < n of `side` (cached): its surface (b"" for special tokens) and three masks:
+        starts with a space, is ".", starts with a letter (continues a word)."""
+        key = (side.family, n)
+        if key not in self._classes:
+            import torch
+
+            from profuser.align import surfaces
+
+            surf = surfaces(side.tokenizer)
+            raw = [surf.surfaces[i] if i < len(surf.surfaces) and not surf.special[i] else b"" for i in range(n)]
+            self._classes[key] = (raw, torch.tensor([b[:1] == b" " for b in raw]),
+                                  torch.tensor([b == b"." for b in raw]), torch.tensor([b[:1].isalpha() for b in raw]))
+        return self._classes[key]
 
     def seq(self, side: ChatSide, text: str):
         key = (side.family, text)
@@ -304,12 +320,9 @@ class WordOracle:
         """log P_teacher(outcome | prompt, ctx) for the outcomes " w ", " w." (every word w), one batch."""
         import torch
 
-        from profuser.align import surfaces
-
         e = side.encode(ctx)
         head = list(e.input_ids[:e.prompt_len]) + [t for t, keep in zip(e.input_ids[e.prompt_len:],
                                                                         e.text_tokens(ctx)) if keep]
-        surf = surfaces(side.tokenizer)
         names, tails, ends = [], [], []
         for w in self.words:
             for tail in (" ", "."):
@@ -335,9 +348,7 @@ class WordOracle:
             # position t of the outcome is predicted by the context's last logits (t = 0) or the
             # outcome's token t - 1
             pred = torch.cat([first.logits[:, -1:].expand(B, 1, -1), logits], dim=1).float().log_softmax(-1)
-        space = torch.zeros(pred.shape[-1], dtype=torch.bool)
-        n = min(len(surf.surfaces), pred.shape[-1])
-        space[:n] = torch.tensor([b[:1] == b" " for b in surf.surfaces[:n]])
+        space = self.classes(side, pred.shape[-1])[1]
         tok = torch.cat([ids, torch.full((B, 1), pad)], dim=1)
         got = pred.gather(2, tok[:, :, None]).squeeze(2)  # [B, width + 1]
         valid = torch.arange(width + 1)[None, :] < lens[:, None]
@@ -432,17 +443,10 @@ class WordLookahead(WordOracle):
     def outcomes(self, model, side: ChatSide, ctx: str) -> dict[str, float]:
         import torch
 
-        from profuser.align import surfaces
-
         e = side.encode(ctx)
         head = list(e.input_ids[:e.prompt_len]) + [t for t, keep in zip(e.input_ids[e.prompt_len:],
                                                                         e.text_tokens(ctx)) if keep]
-        surf = surfaces(side.tokenizer)
-        V = model.get_output_embeddings().weight.shape[0]
-        raw = [surf.surfaces[i] if i < len(surf.surfaces) and not surf.special[i] else b"" for i in range(V)]
-        space = torch.tensor([b[:1] == b" " and len(b) > 0 for b in raw])
-        dot = torch.tensor([b == b"." for b in raw])
-        piece = torch.tensor([len(b) > 0 and b[:1].isalpha() for b in raw])  # continues the word
+        raw, space, dot, piece = self.classes(side, model.get_output_embeddings().weight.shape[0])
         out: dict[str, float] = {}
         self.spellings: dict[str, list] = {}  # outcome -> its teacher token paths (each with the ending's tokens)
 
