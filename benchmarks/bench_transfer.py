@@ -45,10 +45,12 @@ with --lookahead, against 6):
   the teacher's rows: what a perfect transfer of the teacher's next-word knowledge gives, the
   ceiling of any rule; the same oracle on the same-family teacher checks the oracle itself (its
   rows should be close to that teacher's own rows, and teach as well);
-- --lookahead: WordLookahead's rows: the same construction from outcomes the cross-tokenizer
-  teacher finds itself (its top-k next tokens at each word start, each followed to the end of its
-  word by a beam over its own continuations), with nothing of the corpus: the teacher-stage word
-  lookahead the README proposes, and its cost (teacher forwards and paths per word start).
+- --lookahead: the rows of the prep path with prep.lookahead on: the cross-tokenizer teacher's
+  word outcomes at each word start (profuser.lookahead.word_outcomes, as the teacher stage runs it:
+  its top-k next tokens, each followed to the end of its word by a beam over its own continuations)
+  applied by the align stage's own align_sample (outcomes spelled with the student's tokens,
+  conditioned on its tokens of the word so far), with nothing of the corpus; and its cost per word
+  start (outcomes, beam tokens, context tokens).
 
 transfer_efficiency(X -> Y) = (bpb_a - bpb_c) / (bpb_a - bpb_b): 1 means the cross-tokenizer teacher
 helps as much as a same-tokenizer one. Goal >= 0.8 for every pair. Printed twice, side by side:
@@ -196,17 +198,30 @@ def sft_rows(side: ChatSide, sents: list[str]) -> list[dict]:
     return rows
 
 
-def teacher_rows(teacher, side: ChatSide, sents: list[str]) -> list[dict]:
-    """The teacher stage's own forward (fp32 top-k + per-token log-probs) on each sentence."""
+def teacher_rows(teacher, side: ChatSide, sents: list[str], lookahead: Optional[dict] = None,
+                 cost: Optional[dict] = None) -> list[dict]:
+    """The teacher stage's own forward (fp32 top-k + per-token log-probs) on each sentence; with
+    `lookahead` (prep.lookahead's branch/beam/steps/min_prob), also the teacher stage's word outcomes
+    (profuser.lookahead.word_outcomes), their cost accumulated in `cost`."""
+    from profuser.lookahead import word_classes, word_outcomes, word_starts
     from profuser.prep.teacher import teacher_forward
 
     out = []
+    classes = word_classes(side.tokenizer)
     for s in sents:
         e = side.encode(s)
         r = len(e.input_ids) - e.prompt_len
         o = teacher_forward(teacher, [e.input_ids], [r], K)[0]
-        out.append({"sentence": s, "token_ids": np.asarray(e.input_ids[e.prompt_len:]), "token_logprobs": -o.nll,
-                    "topk_ids": o.topk_ids, "topk_logprobs": o.topk_logprobs})
+        row = {"sentence": s, "token_ids": np.asarray(e.input_ids[e.prompt_len:]), "token_logprobs": -o.nll,
+               "topk_ids": o.topk_ids, "topk_logprobs": o.topk_logprobs, "lookahead": None}
+        if lookahead is not None:
+            starts = word_starts(e.input_ids[e.prompt_len:], e.text_tokens(s), classes)
+            oc = word_outcomes(teacher, list(e.input_ids), e.prompt_len, starts, classes, K, **lookahead, cost=cost)
+            row["lookahead"] = (oc.rows, oc.texts, oc.logprobs)
+            if cost is not None:
+                cost["word_starts"] = cost.get("word_starts", 0) + len(starts)
+                cost["outcomes"] = cost.get("outcomes", 0) + len(oc.texts)
+        out.append(row)
     return out
 
 
@@ -231,14 +246,15 @@ def distill_rows(student: ChatSide, teacher: ChatSide, trows: list[dict], rule: 
                 prefix_trie(student.tokenizer) if trie and not copy else None)
     tgt = Target(student, student.eot, 4096)
     msgs = PROMPT
-    rows, covered, positions = [], 0, 0
+    rows, covered, positions, looked = [], 0, 0, 0
     for t in trows:
         s = t["sentence"]
         if rule == "after":
             a = align_sample(pair, tgt, "truncate_left", msgs, s, t["token_ids"], t["token_logprobs"],
-                             t["topk_ids"], t["topk_logprobs"])
+                             t["topk_ids"], t["topk_logprobs"], t.get("lookahead"))
             ids, lps = a["topk_ids"], a["topk_logprobs"]
             n_resp = a["n_response"]
+            looked += a["n_lookahead"]
         else:
             e = student.encode(s)
             sp, sr = split_response(teacher.tokenizer, teacher.template, msgs, s)
@@ -259,7 +275,7 @@ def distill_rows(student: ChatSide, teacher: ChatSide, trows: list[dict], rule: 
                      "topk_ids": np.asarray(ids, dtype=np.int32), "topk_logprobs": np.asarray(lps, dtype=np.float16)})
         covered += int((np.asarray(ids)[-n_resp:, 0] >= 0).sum())
         positions += n_resp
-    return rows, {"coverage": round(covered / positions, 4)}
+    return rows, {"coverage": round(covered / positions, 4), "lookahead_share": round(looked / positions, 4)}
 
 
 def region_tokens(side: ChatSide, text: str) -> Optional[tuple[int, ...]]:
@@ -291,9 +307,6 @@ class WordOracle:
         self._seq: dict = {}
         self._ctx: dict = {}
         self._classes: dict = {}
-        self.cost: dict = {}  # (key, context) -> (teacher forwards, paths scored) of its outcomes
-        self.used: list = []  # the (key, context) pairs of the last rows() call
-        self.last_cost = (1, 0)
 
     def classes(self, side: ChatSide, n: int):
         """Per token id < n of `side` (cached): its surface (b"" for special tokens) and three masks:
@@ -361,7 +374,6 @@ class WordOracle:
         """Student rows whose positions inside words 2..n carry the oracle's distribution (the first
         word and the end of turn keep `base`'s rows)."""
         out, done, total = [], 0, 0
-        self.used = []
         for s, row in zip(sents, base):
             ids = np.array(row["topk_ids"], copy=True)
             lps = np.array(row["topk_logprobs"], copy=True)
@@ -378,8 +390,6 @@ class WordOracle:
                 inside = [j for j in range(len(spans)) if lo <= spans[j, 0] < hi]
                 if (key, ctx) not in self._ctx:  # the teacher's outcomes: the same for every student
                     self._ctx[(key, ctx)] = self.outcomes(model, tside, ctx)
-                    self.cost[(key, ctx)] = self.last_cost
-                self.used.append((key, ctx))
                 lp_o = self._ctx[(key, ctx)]
                 if ctx_lp is not None:  # P(end | ctx) = P(" w.") / (P(" w.") + P(" w ")) of the previous word
                     a, b = ctx_lp.get(" " + ws[i - 1] + "."), ctx_lp.get(" " + ws[i - 1] + " ")
@@ -420,69 +430,6 @@ class WordOracle:
                     done += 1
             out.append({**row, "topk_ids": ids, "topk_logprobs": lps.astype(np.float16)})
         return out, {"oracle_positions": round(done / max(total, 1), 4)}
-
-
-class WordLookahead(WordOracle):
-    """bench-only --lookahead: the teacher-stage word lookahead that the README's design proposes,
-    with nothing of the corpus: at each context (a sentence's first i words), the teacher's top-k
-    next tokens (k = the stored rows' K), each followed to the end of its word by a beam over the
-    teacher's own continuations (at most `branch` pieces per path and step, `beam` paths in all,
-    `steps` steps after the candidate, no path below `min_prob`). A path ends its word with the
-    probability of the tokens that start with a space (outcome " w ") or of "." (outcome " w."); a
-    top-k candidate "." is the outcome "." (the sentence ends here). Every outcome keeps the
-    teacher's own probability of it; mass outside the top-k, the beam or the steps is lost. The
-    student's rows are then built from these outcomes exactly as WordOracle builds them from the
-    corpus words (spelled with the student's own tokens, conditioned on its tokens of the word so
-    far). Teacher forwards per context: one for the context, one per step for the live paths."""
-
-    def __init__(self, k: int = K, branch: int = 4, beam: int = 32, steps: int = 8, min_prob: float = 1e-3):
-        super().__init__([])
-        self.k, self.branch, self.beam, self.steps = k, branch, beam, steps
-        self.min_lp = math.log(min_prob) if min_prob > 0 else -math.inf
-
-    def outcomes(self, model, side: ChatSide, ctx: str) -> dict[str, float]:
-        import torch
-
-        e = side.encode(ctx)
-        head = list(e.input_ids[:e.prompt_len]) + [t for t, keep in zip(e.input_ids[e.prompt_len:],
-                                                                        e.text_tokens(ctx)) if keep]
-        raw, space, dot, piece = self.classes(side, model.get_output_embeddings().weight.shape[0])
-        out: dict[str, float] = {}
-        self.spellings: dict[str, list] = {}  # outcome -> its teacher token paths (each with the ending's tokens)
-
-        def add(name: str, lp: float, path: list) -> None:
-            out[name] = float(np.logaddexp(out.get(name, -np.inf), lp))
-            self.spellings.setdefault(name, []).append(path)
-
-        forwards, scored = 1, 0
-        with torch.inference_mode():
-            first = model(input_ids=torch.tensor([head])).logits[0, -1].float().log_softmax(-1)
-            top = first.topk(self.k)
-            paths = []  # (teacher tokens after the context, log-prob)
-            for lp, c in zip(top.values.tolist(), top.indices.tolist()):
-                if dot[c]:
-                    add(".", lp, [c])
-                elif space[c]:
-                    paths.append(([c], lp))
-            for _ in range(self.steps):
-                if not paths:
-                    break
-                # every live path has grown by one token per step: one batch, no padding
-                nxt = model(input_ids=torch.tensor([head + q for q, _ in paths])).logits[:, -1].float().log_softmax(-1)
-                forwards += 1
-                scored += len(paths)
-                grown = []
-                for (q, lp), row in zip(paths, nxt):
-                    text = b"".join(raw[t] for t in q).decode("utf-8", "replace")
-                    if text.strip():
-                        add(text + " ", lp + float(row[space].logsumexp(0)), q + ["space"])
-                        add(text + ".", lp + float(row[dot].logsumexp(0)), q + ["."])
-                    cont = torch.where(piece, row, torch.full_like(row, -torch.inf)).topk(self.branch)
-                    grown += [(q + [t], lp + v) for v, t in zip(cont.values.tolist(), cont.indices.tolist())
-                              if lp + v > self.min_lp]
-                paths = sorted(grown, key=lambda x: -x[1])[:self.beam]
-        self.last_cost = (forwards, scored)
-        return out
 
 
 def word_start_agreement(teacher: ChatSide, student: ChatSide, words: list[str], rule: str) -> float:
@@ -551,15 +498,17 @@ def main(argv=None) -> None:
                         "next-word probabilities spelled in the student's tokens (no rule, no table): the ceiling of "
                         "any transfer rule; and the same oracle on the same-family teacher, as a check of the oracle")
     p.add_argument("--lookahead", action="store_true",
-                   help="also distill each student from WordLookahead's rows: the cross-tokenizer teacher's top-k "
-                        "next tokens at each word start, each followed to the end of its word by a beam over the "
-                        "teacher's own continuations, spelled in the student's tokens (the teacher-stage word "
-                        "lookahead the README proposes, with nothing of the corpus)")
-    p.add_argument("--lookahead-branch", type=int, default=4, help="--lookahead: continuations kept per path and step")
-    p.add_argument("--lookahead-beam", type=int, default=32, help="--lookahead: live paths kept per step, in all")
-    p.add_argument("--lookahead-steps", type=int, default=8, help="--lookahead: steps after the top-k candidate")
-    p.add_argument("--lookahead-min-prob", type=float, default=1e-3,
-                   help="--lookahead: a path is not followed once its probability falls below this")
+                   help="also distill each student from the rows of the align stage with prep.lookahead on: the "
+                        "cross-tokenizer teacher's top-k next tokens at each word start, each followed to the end of its "
+                        "word by a beam over the teacher's own continuations (profuser.lookahead.word_outcomes, the "
+                        "teacher stage's code), spelled in the student's tokens by the align stage (apply_outcomes)")
+    from profuser.config import LookaheadConfig
+
+    dflt = LookaheadConfig()
+    p.add_argument("--lookahead-branch", type=int, default=dflt.branch, help="--lookahead: prep.lookahead.branch")
+    p.add_argument("--lookahead-beam", type=int, default=dflt.beam, help="--lookahead: prep.lookahead.beam")
+    p.add_argument("--lookahead-steps", type=int, default=dflt.steps, help="--lookahead: prep.lookahead.steps")
+    p.add_argument("--lookahead-min-prob", type=float, default=dflt.min_prob, help="--lookahead: prep.lookahead.min_prob")
     p.add_argument("--seed", type=int, default=0, help="seed of the chain, the data and the inits")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these tiny models, and on a loaded machine)")
     p.add_argument("--seeds", default=None,
@@ -627,8 +576,18 @@ def main(argv=None) -> None:
         return row_cache[(f, step, peer)]
 
     oracle = WordOracle(chain[0]) if args.ideal else None
-    look = (WordLookahead(K, args.lookahead_branch, args.lookahead_beam, args.lookahead_steps, args.lookahead_min_prob)
-            if args.lookahead else None)
+    look = ({"branch": args.lookahead_branch, "beam": args.lookahead_beam, "steps": args.lookahead_steps,
+             "min_prob": args.lookahead_min_prob} if args.lookahead else None)
+    la_cache: dict = {}  # (family, step) -> (teacher rows with their word outcomes, the outcomes' cost)
+
+    def la_trows(f: str, step: int) -> tuple[list[dict], dict]:
+        if (f, step) not in la_cache:
+            cost: dict = {}
+            t0 = time.time()
+            rows = teacher_rows(tmodel(f, step), sides[f], student_sents, look, cost)
+            cost["seconds"] = round(time.time() - t0, 1)
+            la_cache[(f, step)] = (rows, cost)
+        return la_cache[(f, step)]
 
     def student(y: str, rows: list[dict], rest: str) -> float:
         s = sides[y]
@@ -686,15 +645,18 @@ def main(argv=None) -> None:
                 say(f"ideal {x} -> {y}: {entry['ideal']} ({time.time() - t0:.0f}s)")
             if look is not None:
                 t0 = time.time()
-                la_rows, info = look.rows(tmodel(x, sx), (x, sx), sides[x], sy, student_sents, after_rows)
+                la_t, cost = la_trows(x, sx)
+                la_rows, info = distill_rows(sy, sides[x], la_t, "after", trie=not args.no_trie)
                 bpb_l = student(y, la_rows, "other")
                 gain = bpb_a - entry["after"]["bpb_same_tokenizer_teacher"]
-                cost = np.array([look.cost[u] for u in look.used], dtype=float).reshape(-1, 2)
+                ws = max(cost["word_starts"], 1)
                 entry["lookahead"] = {"bpb_cross_tokenizer_teacher": bpb_l, **info,
                                       "tv_to_same_tokenizer_teacher": round(row_distance(la_rows, after_same), 4),
-                                      # per word start of the student sentences: batched teacher forwards, paths scored
-                                      "forwards_per_context": round(float(cost[:, 0].mean()), 2),
-                                      "paths_per_context": round(float(cost[:, 1].mean()), 1),
+                                      # per word start of the student sentences (the teacher's side, prep's code)
+                                      "outcomes_per_word_start": round(cost["outcomes"] / ws, 1),
+                                      "beam_tokens_per_word_start": round(cost["beam_tokens"] / ws, 1),
+                                      "context_tokens_per_word_start": round(cost["prefill_tokens"] / ws, 1),
+                                      "teacher_seconds": cost["seconds"],
                                       "transfer_efficiency": round((bpb_a - bpb_l) / gain, 3) if gain > 0 else None}
                 say(f"lookahead {x} -> {y}: {entry['lookahead']} ({time.time() - t0:.0f}s)")
             if args.peer:
@@ -708,7 +670,8 @@ def main(argv=None) -> None:
                                  if gain > 0 else None}
             say(f"{x} -> {y}: {json.dumps(entry)}")
             result["pairs"][f"{x} -> {y}"] = entry
-    eff = {rule: [v[rule]["transfer_efficiency"] for v in result["pairs"].values()] for rule in rests}
+    eff = {rule: [v[rule]["transfer_efficiency"] for v in result["pairs"].values()]
+           for rule in (*rests, "lookahead", "ideal") if all(rule in v for v in result["pairs"].values())}
     result["min_transfer_efficiency"] = {rule: min((e for e in v if e is not None), default=None)
                                          for rule, v in eff.items()}
     result["seconds"] = round(time.time() - t_start, 1)
@@ -777,8 +740,11 @@ def over_seeds(args, argv: list[str]) -> None:
                                   "per_seed": [e["transfer_efficiency"] for e in per],
                                   "tv_to_same_tokenizer_teacher": round(float(np.mean(
                                       [e["tv_to_same_tokenizer_teacher"] for e in per])), 4),
-                                  "forwards_per_context": round(float(np.mean([e["forwards_per_context"] for e in per])), 2),
-                                  "paths_per_context": round(float(np.mean([e["paths_per_context"] for e in per])), 1)}
+                                  "lookahead_share": round(float(np.mean([e["lookahead_share"] for e in per])), 4),
+                                  "outcomes_per_word_start": round(float(np.mean(
+                                      [e["outcomes_per_word_start"] for e in per])), 1),
+                                  "beam_tokens_per_word_start": round(float(np.mean(
+                                      [e["beam_tokens_per_word_start"] for e in per])), 1)}
         if "peer" in runs[seeds[0]]["pairs"][pair]:
             p_ = np.mean([runs[s]["pairs"][pair]["peer"]["bpb_student"] for s in seeds])
             entry["peer_efficiency"] = round(float((a - p_) / (a - b)), 3) if a > b else None
@@ -791,7 +757,8 @@ def over_seeds(args, argv: list[str]) -> None:
                       "transfer_efficiency_of_means": summary,
                       "min_transfer_efficiency": {r: min((v[r]["transfer_efficiency"] for v in summary.values()
                                                           if v[r]["transfer_efficiency"] is not None), default=None)
-                                                  for r in ("after", "before")},
+                                                  for r in ("after", "before", "lookahead", "ideal")
+                                                  if all(r in v for v in summary.values())},
                       "seconds": round(time.time() - t0, 1), "runs": {str(s): runs[s] for s in seeds}}, indent=1))
 
 

@@ -214,6 +214,21 @@ class GenerateConfig(Section):
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings (backend vllm).")
 
 
+class LookaheadConfig(Section):
+    enabled: bool = Field(
+        False, description="Teacher stage: at every response word start, follow the teacher's top-k next tokens to the "
+        "end of their word (a beam over its own continuations) and store the word outcomes; the align stage spells "
+        "them with the target tokenizer and teaches the target's tokens of each word from them (docs/ARCHITECTURE.md, "
+        "'Word lookahead'). For sources whose tokenizer differs from the target's; costs extra teacher forwards "
+        "(README)."
+    )
+    branch: int = Field(4, description="Word pieces a path is extended by per step.", ge=1)
+    beam: int = Field(32, description="Live paths kept per word start and step.", ge=1)
+    steps: int = Field(8, description="Most word pieces followed after the word-start token.", ge=1)
+    min_prob: float = Field(1e-3, description="A path is not followed once its probability falls below this.",
+                            ge=0.0, lt=1.0)
+
+
 class PrepConfig(Section):
     topk: int = Field(10, description="Teacher distribution entries kept per token.", ge=1, le=1024)
     shard_size: int = Field(256, description="Records per output shard (the unit of resume).", ge=1)
@@ -233,6 +248,8 @@ class PrepConfig(Section):
         "(comparable across tokenizers, template tokens excluded); token = lowest mean CE per the source's own "
         "token, end of turn included (the paper's and FuseLLM's rule)."
     )
+    lookahead: LookaheadConfig = Field(default_factory=LookaheadConfig,
+                                       description="Word lookahead at response word starts (cross-tokenizer sources).")
     chunk_tokens: int = Field(
         1024, description="Response positions projected onto the vocabulary at once (lm_head, then fp32 top-k and CE): "
         "the teacher's logits never exceed chunk_tokens x vocabulary, whatever the batch.", ge=1

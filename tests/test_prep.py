@@ -222,6 +222,48 @@ def test_rerun_skips_and_a_config_change_invalidates_downstream(baseline, base_d
     assert len(part_table(run, "teacher", "training/gemma_unigram").to_pylist()[0]["topk_ids"][0]) == 3
 
 
+def test_word_lookahead_through_the_teacher_and_align_stages(baseline, base_dict, tmp_path, capfd):
+    """prep.lookahead: the teacher stage reruns and stores word outcomes for the sources whose
+    tokenizer is not the target's (null for chatml_bpe, the target's own); align teaches words from
+    them and keeps the baseline's rows everywhere else; both stages report it."""
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run, ignore=shutil.ignore_patterns("wandb"))
+    d = {**base_dict, "run_dir": str(run), "wandb": {"enabled": False}}
+    ran = run_prep(parse_config(d, ["prep.lookahead.enabled=true"]), ALL)
+    out = capfd.readouterr().out
+    assert ran == {"normalize": False, "generate": False, "score": False, "teacher": True, "align": True, "build": True}
+    assert "chatml_bpe: word lookahead off (same tokenizer as the target)" in out
+    assert "vicuna_spm: word lookahead on" in out and "gemma_unigram: word lookahead on" in out
+    assert "teacher: gemma_unigram: word lookahead at " in out and "; word lookahead at " in out
+    for src in SOURCES:
+        rows = part_table(run, "teacher", f"training/{src}").to_pylist()
+        texts = [r["lookahead_texts"] for r in rows]
+        if src == "chatml_bpe":
+            assert all(t is None for t in texts)
+            continue
+        assert all(t is not None for t in texts) and sum(len(t) for t in texts) > 10 * len(rows)
+        for r in rows:
+            assert len(r["lookahead_rows"]) == len(r["lookahead_texts"]) == len(r["lookahead_logprobs"])
+            assert all(0 <= i < r["n_tokens"] and v <= 1e-6 for i, v in zip(r["lookahead_rows"], r["lookahead_logprobs"]))
+    taught = 0
+    for mode in ("training", "inference"):
+        old = rows_by_key(baseline, "align", mode)
+        for key, r in rows_by_key(run, "align", mode).items():
+            o = old[key]
+            assert (r["source"], r["input_ids"]) == (o["source"], o["input_ids"])
+            if r["source"] == "chatml_bpe":
+                assert r["n_lookahead"] == 0 and r["topk_ids"] == o["topk_ids"]
+                continue
+            changed = sum(a != b or x != y for a, b, x, y in zip(r["topk_ids"], o["topk_ids"], r["topk_logprobs"],
+                                                                   o["topk_logprobs"]))
+            assert changed <= r["n_lookahead"] and r["n_transferred"] >= o["n_transferred"]
+            taught += r["n_lookahead"]
+    assert taught > 100
+    pairs = manifest(run, "align")["pairs"]
+    assert pairs["gemma_unigram->target"]["all"]["lookahead_share"] > 0.2
+    assert pairs["chatml_bpe->target"]["all"]["lookahead"] == 0
+
+
 @pytest.mark.slow
 def test_two_deepspeed_cpu_ranks_give_the_single_process_output(baseline, base_dict, tmp_path):
     """normalize through its data_prep script, then the rest through launch/prep.sh — both under the

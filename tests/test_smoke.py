@@ -32,6 +32,7 @@ def test_check_prep_train_load(tiny_suite, tmp_path):
     d = tiny_config_dict(tiny_suite, tmp_path / "run")
     d["wandb"] = {"enabled": False}
     d["data"]["limit"] = 8
+    d["prep"]["lookahead"] = {"enabled": True}  # its KV-cache beam runs at the floor versions too (launch/floor.sh)
     d["train"] = {"max_steps": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 2, "warmup_ratio": 0.0,
                   "lr_scheduler_type": "constant", "deepspeed": "deepspeed_configs/zero2.json"}
     cfg = tmp_path / "run.yaml"
@@ -41,6 +42,7 @@ def test_check_prep_train_load(tiny_suite, tmp_path):
     assert "READY" in out.stdout
     out = _run([py, "-m", "profuser.cli", "prep", str(cfg)])
     assert "build: 8 training samples" in out.stdout
+    assert "gemma_unigram: word lookahead at " in out.stdout and "; word lookahead at " in out.stdout
     port = free_port()
     try:
         _run([py, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),

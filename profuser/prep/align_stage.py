@@ -56,13 +56,13 @@ from profuser.data import Reject
 from profuser.prep.formats import ALIGN_SCHEMA, to_table, unnest
 from profuser.prep.stages import Context, Progress, Stage, model_deps, read_records, sidecar_info, upstream_hashes
 
-ALIGN_VERSION = 4  # bump when the alignment rules change (invalidates align and build)
+ALIGN_VERSION = 5  # bump when the alignment rules change (invalidates align and build; 5: word lookahead)
 # target tokens per project_many call: the rule's throughput on AlpacaEval answers (README,
 # bench_align's call-size sweep, 400 answers) rises 1.56-1.67x from one call per text to 4k-16k tokens
 # and falls again at 64k (cache misses); its peak memory at 16k is 45-103 MB
 PROJECT_BATCH_TOKENS = 16384
 STAT_KEYS = ("rows", "fallback_rows", "response_positions", "text_positions", "text_transferred", "aligned",
-             "transferred", "kept_mass_sum", "mass_sum", "copy_rows")
+             "transferred", "kept_mass_sum", "mass_sum", "copy_rows", "lookahead")
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,12 +147,13 @@ class Pairs:
 
 def align_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict], response: str,
                  token_ids: np.ndarray, token_logprobs: np.ndarray, topk_ids: np.ndarray,
-                 topk_logprobs: np.ndarray) -> dict:
+                 topk_logprobs: np.ndarray, lookahead: Optional[tuple] = None) -> dict:
     """One teacher row on the target's tokens: input_ids, labels, full-length [T, k] top-k and the
     row's statistics. Raises Reject(kind, reason) when it cannot be used. (The stage itself runs
-    prepare_sample per sample and project_rows per batch: the same rows.)"""
+    prepare_sample per sample and project_rows per batch: the same rows.) `lookahead`: the teacher
+    row's word outcomes (rows, texts, log-probs), or None."""
     ready = prepare_sample(pair, tgt, overlength, messages, response, token_ids, token_logprobs, topk_ids,
-                           topk_logprobs)
+                           topk_logprobs, lookahead)
     return ready if isinstance(ready, dict) else project_rows(pair, [ready])[0]
 
 
@@ -163,6 +164,8 @@ class PendingRow:
     projection: object  # profuser.transfer.Projection
     enc: object  # the target's encode_chat result
     in_text: np.ndarray  # bool [m]: target response positions holding response text or the end of turn
+    lookahead: Optional[tuple] = None  # the teacher's word outcomes (rows, texts, log-probs), prep.lookahead
+    enc_tokenizer: object = None  # the target's tokenizer (spells the outcomes)
 
 
 def token_batches(sizes, cap: int = PROJECT_BATCH_TOKENS) -> list[list[int]]:
@@ -183,6 +186,7 @@ def project_rows(pair: Pair, pending: list[PendingRow]) -> list[dict]:
     pass per batch instead of one per sample, README "Cross-tokenizer alignment"; the rows are the
     same as one project call each gives)."""
     from profuser.align import surfaces
+    from profuser.lookahead import apply_outcomes, speller, word_classes
     from profuser.transfer import project_many
 
     out: list[Optional[dict]] = [None] * len(pending)
@@ -200,14 +204,20 @@ def project_rows(pair: Pair, pending: list[PendingRow]) -> list[dict]:
             for i, tr in zip(call, project_many(items, surfaces(src_tok, need), pair.first, pair.by_byte, k,
                                                 trie=pair.trie, exact_only=pair.exact_walk)):
                 covered = (tr.ids >= 0).any(axis=1)
+                n_la = 0
+                la = pending[i].lookahead
+                if la is not None and len(la[0]):  # the word lookahead's rows replace the rule's where it fits
+                    pr = pending[i].projection
+                    n_la = apply_outcomes(pr.src, pr.tgt, tr.ids, tr.logprobs, tr.kept, covered, *la,
+                                          speller(pending[i].enc_tokenizer), word_classes(src_tok))
                 out[i] = _full_row(pending[i].enc, tr.ids, tr.logprobs, covered, pending[i].in_text, tr.kept,
-                                   tr.one_to_one, "project", k)
+                                   tr.one_to_one, "project", k, n_la)
     return out
 
 
 def prepare_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict], response: str,
                    token_ids: np.ndarray, token_logprobs: np.ndarray, topk_ids: np.ndarray,
-                   topk_logprobs: np.ndarray):
+                   topk_logprobs: np.ndarray, lookahead: Optional[tuple] = None):
     """align_sample up to the projection: the finished row (dict) when it needs none (copy, MinED),
     else a PendingRow for project_rows. Raises Reject(kind, reason) when the row cannot be used."""
     from profuser.align import end_of_turn_index, response_tokens
@@ -268,10 +278,11 @@ def prepare_sample(pair: Pair, tgt: Target, overlength: str, messages: list[dict
         kept = covered.astype(np.float64)
         one = np.ones(m, dtype=bool)
         return _full_row(enc, ids, lps, covered, in_text, kept, one, "copy", k)
-    return PendingRow(Projection(src, tgt_rt, n_resp, topk_ids, topk_logprobs, token_logprobs, eot), enc, in_text)
+    return PendingRow(Projection(src, tgt_rt, n_resp, topk_ids, topk_logprobs, token_logprobs, eot), enc, in_text,
+                      lookahead, tgt_tok)
 
 
-def _full_row(enc, ids, lps, covered, in_text, kept, one, method: str, k: int) -> dict:
+def _full_row(enc, ids, lps, covered, in_text, kept, one, method: str, k: int, n_lookahead: int = 0) -> dict:
     """The row of align_sample: [T, k] arrays over the whole sequence (prompt rows empty) + statistics."""
     T, P = len(enc.input_ids), enc.prompt_len
     full_ids = np.full((T, k), -1, dtype=np.int32)
@@ -286,7 +297,8 @@ def _full_row(enc, ids, lps, covered, in_text, kept, one, method: str, k: int) -
             "n_aligned": int(one.sum()), "n_transferred": n_tr,
             "kept_mass": float(kept[covered].mean()) if n_tr else None,
             "mass": float(mass[covered].mean()) if n_tr else None,
-            "kept_mass_sum": float(kept[covered].sum()), "mass_sum": float(mass[covered].sum())}
+            "kept_mass_sum": float(kept[covered].sum()), "mass_sum": float(mass[covered].sum()),
+            "n_lookahead": n_lookahead}
 
 
 def _align_mined(pair: Pair, tgt: Target, enc, token_ids, token_logprobs, topk_ids, topk_logprobs) -> dict:
@@ -330,8 +342,12 @@ class TeacherRows:
         return self._cols[name]
 
     def row(self, j: int) -> dict:
-        return {name: self.column(name)[j] for name in ("response", "ce", "text_nll", "text_bytes", "token_ids",
-                                                         "token_logprobs", "topk_ids", "topk_logprobs")}
+        out = {name: self.column(name)[j] for name in ("response", "ce", "text_nll", "text_bytes", "token_ids",
+                                                        "token_logprobs", "topk_ids", "topk_logprobs")}
+        texts = self.column("lookahead_texts")[j]
+        out["lookahead"] = None if texts is None else (self.column("lookahead_rows")[j], texts,
+                                                       self.column("lookahead_logprobs")[j])
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,7 +491,7 @@ class AlignStage(Stage):
                 try:
                     ready = prepare_sample(pairs[src], tgt, ctx.cfg.data.overlength, rec["messages"], row["response"],
                                            np.asarray(row["token_ids"], dtype=np.int64), row["token_logprobs"],
-                                           row["topk_ids"], row["topk_logprobs"])
+                                           row["topk_ids"], row["topk_logprobs"], row["lookahead"])
                 except Reject as e:
                     settle(rec, rank, e)
                     continue
@@ -506,6 +522,7 @@ class AlignStage(Stage):
             st["kept_mass_sum"] += out["kept_mass_sum"]
             st["mass_sum"] += out["mass_sum"]
             st["copy_rows"] += out["method"] == "copy"
+            st["lookahead"] += out["n_lookahead"]
             choice[src]["taught"] += 1
         stage_dir.commit(mode, i, to_table(rows, ALIGN_SCHEMA),
                          sidecar_info(n_in, len(rows), rejects, time.time() - t0,
@@ -549,7 +566,8 @@ class AlignStage(Stage):
                     f"({_pct(a['text_share'])} of the {a['text_positions']} holding response text or the end of turn; "
                     f"1:1 spans alone: {_pct(a['aligned_share'])}), top-k mass carried {_pct(a['kept_mass'])}, "
                     f"mean stored mass {_fmt(a['mass'])} ({'copy' if e.get('copy_ids') else cfg.prep.vocab_mapping} "
-                    f"vocabulary map, {_pct(e.get('mapped_share'))} of source tokens mapped)")
+                    f"vocabulary map, {_pct(e.get('mapped_share'))} of source tokens mapped)"
+                    + (f"; word lookahead at {_pct(a['lookahead_share'])} of the positions" if a["lookahead"] else ""))
         for m in PREP_MODES:
             total = sum(c["taught"] for c in choice[m].values())
             if total:
@@ -588,6 +606,7 @@ def pair_summary(a: dict) -> dict:
             "transferred_share": tr / rp if rp else None,
             "text_share": a["text_transferred"] / tp if tp else None,
             "aligned_share": a["aligned"] / rp if rp else None,
+            "lookahead_share": a["lookahead"] / rp if rp else None,
             "kept_mass": a["kept_mass_sum"] / tr if tr else None,
             "mass": a["mass_sum"] / tr if tr else None}
 

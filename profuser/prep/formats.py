@@ -56,6 +56,10 @@ TEACHER_SCHEMA = pa.schema([
     pa.field("token_logprobs", pa.list_(pa.float16())),  # [R] log-prob of token_ids[r] (full vocab)
     pa.field("topk_ids", pa.list_(pa.list_(pa.int32()))),  # [R, k]
     pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16()))),  # [R, k], log-softmax over the full vocab
+    # prep.lookahead (null when off): the word outcomes, flat: outcome o of the word start at row lookahead_rows[o]
+    pa.field("lookahead_rows", pa.list_(pa.int32())),  # [O] response row of the word start
+    pa.field("lookahead_texts", pa.list_(pa.string())),  # [O] the outcome's text from the word start's first byte
+    pa.field("lookahead_logprobs", pa.list_(pa.float32())),  # [O] the teacher's log-prob of it
 ])
 
 ALIGN_SCHEMA = pa.schema([
@@ -78,6 +82,7 @@ ALIGN_SCHEMA = pa.schema([
     pa.field("n_transferred", pa.int32()),
     pa.field("kept_mass", pa.float64()),  # mean over transferred positions; null when none
     pa.field("mass", pa.float64()),  # mean stored probability mass over transferred positions
+    pa.field("n_lookahead", pa.int32()),  # positions taught from the word lookahead's outcomes
 ])
 
 BUILD_FIELDS = {  # build column suffix -> the align column it is taken from (and whose type it keeps)
@@ -148,5 +153,7 @@ def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
 
 
 def teacher_table(rows: list[dict]) -> pa.Table:
-    """Teacher-stage rows (``n_tokens`` is taken from ``token_ids``) -> a table of TEACHER_SCHEMA."""
-    return to_table([{**r, "n_tokens": len(r["token_ids"])} for r in rows], TEACHER_SCHEMA)
+    """Teacher-stage rows (``n_tokens`` is taken from ``token_ids``; the lookahead columns are null
+    when absent) -> a table of TEACHER_SCHEMA."""
+    blank = dict.fromkeys(("lookahead_rows", "lookahead_texts", "lookahead_logprobs"))
+    return to_table([{**blank, **r, "n_tokens": len(r["token_ids"])} for r in rows], TEACHER_SCHEMA)

@@ -13,6 +13,9 @@ token_ids[r]). Besides the top-k, each row keeps what MinCE compares: `ce` (nats
 token, end of turn included: the paper's rule) and `text_nll`/`text_bytes` (NLL of only the tokens
 that encode the response text, and its UTF-8 bytes: bits per byte, comparable across tokenizers),
 and `token_logprobs`, the log-prob of every response token (the chain rule of profuser.transfer).
+With `prep.lookahead.enabled`, a source whose tokenizer is not the target's also gets its word
+outcomes at every response word start (profuser.lookahead.word_outcomes: `lookahead_rows`,
+`lookahead_texts`, `lookahead_logprobs`; null otherwise).
 
 How it runs at the hardware's speed:
 - The sequences of a shard (both modes) are sorted by length and grouped by a token budget
@@ -47,7 +50,7 @@ from profuser.prep.stages import (Context, Progress, Stage, free_memory, model_d
 
 log = logging.getLogger("profuser")
 
-TEACHER_VERSION = 2  # bump when the rows change (2: text_nll/text_bytes/token_logprobs)
+TEACHER_VERSION = 3  # bump when the rows change (2: text_nll/text_bytes/token_logprobs; 3: lookahead_*)
 
 
 @dataclass
@@ -319,6 +322,8 @@ class TeacherStage(Stage):
         for m in cfg.sources:
             common = {"model": model_deps(m), "max_length": m.max_length or cfg.data.max_length,
                       "overlength": cfg.data.overlength, "topk": cfg.prep.topk, "version": TEACHER_VERSION}
+            if cfg.prep.lookahead.enabled:  # which sources need it depends on the target's tokenizer
+                common["lookahead"] = {**cfg.prep.lookahead.model_dump(), "target": model_deps(cfg.target)}
             out[f"training/{m.name}"] = {"upstream": upstream_hashes(plan, "normalize"), **common}
             out[f"inference/{m.name}"] = {"upstream": upstream_hashes(plan, "normalize", "score"), **common}
         return out
@@ -402,10 +407,35 @@ class TeacherStage(Stage):
             forwarded[first[u]] += len(u) - 1
         return results, forwarded
 
-    def _rows(self, chat_model, items: list[_Item], results: dict, rejects: list[dict]) -> list[dict]:
+    def _lookahead(self, ctx: Context, chat_model, job: _ShardJob) -> tuple[dict, dict]:
+        """Word outcomes of every unique sequence of the shard ({sequence: Outcomes}) and their cost."""
+        from profuser.lookahead import word_classes, word_outcomes, word_starts
+
+        la, classes = ctx.cfg.prep.lookahead, word_classes(chat_model.tokenizer)
+        pad = chat_model.tokenizer.pad_token_id or 0
+        out: dict = {}
+        cost = {"word_starts": 0, "outcomes": 0}
+        t0 = time.time()
+        for items in job.items.values():
+            for it in items:
+                u = tuple(it.enc.input_ids)
+                if u in out:
+                    continue
+                P = it.enc.prompt_len
+                starts = word_starts(u[P:], it.text, classes)
+                out[u] = word_outcomes(chat_model.model, list(u), P, starts, classes, ctx.cfg.prep.topk, la.branch,
+                                       la.beam, la.steps, la.min_prob, pad, ctx.cfg.prep.batch_tokens, cost=cost)
+                cost["word_starts"] += len(starts)
+                cost["outcomes"] += len(out[u].texts)
+        cost["seconds"] = round(time.time() - t0, 3)
+        return out, cost
+
+    def _rows(self, chat_model, items: list[_Item], results: dict, rejects: list[dict],
+              outcomes: Optional[dict] = None) -> list[dict]:
         rows = []
         for it in items:
             o = results[tuple(it.enc.input_ids)]
+            oc = (outcomes or {}).get(tuple(it.enc.input_ids))
             if not math.isfinite(o.ce) or np.isnan(o.topk_logprobs).any():
                 what = f"CE is {o.ce}" if not math.isfinite(o.ce) else "NaN in the top-k log-probs"
                 rejects.append({"id": it.rec["id"], "mode": it.mode, "source": chat_model.name, "kind": "non_finite_ce",
@@ -416,28 +446,32 @@ class TeacherStage(Stage):
                          "text_bytes": len(it.response.encode("utf-8", "surrogatepass")),
                          "text_tokens": int(it.text.sum()), "token_ids": it.enc.input_ids[it.enc.prompt_len:],
                          "token_logprobs": (-o.nll).astype(np.float16), "topk_ids": o.topk_ids,
-                         "topk_logprobs": o.topk_logprobs})
+                         "topk_logprobs": o.topk_logprobs,
+                         "lookahead_rows": None if oc is None else np.asarray(oc.rows, dtype=np.int32),
+                         "lookahead_texts": None if oc is None else oc.texts,
+                         "lookahead_logprobs": None if oc is None else np.asarray(oc.logprobs, dtype=np.float32)})
         return rows
 
-    def _shard(self, ctx: Context, chat_model, job: _ShardJob, bar: Progress, write) -> None:
+    def _shard(self, ctx: Context, chat_model, job: _ShardJob, bar: Progress, write, lookahead: bool = False) -> None:
         src, k = chat_model.name, ctx.cfg.prep.topk
         t0 = time.time()
         results, forwarded = self._forward(ctx, chat_model, job, bar)
+        outcomes, la_cost = self._lookahead(ctx, chat_model, job) if lookahead else (None, None)
         seconds = time.time() - t0
         total = sum(forwarded.values())
         share = {m: seconds * (f / total if total else 1 / len(forwarded)) for m, f in forwarded.items()}
         train_rows = None
         if "training" in job.items:
             rejects = job.rejects["training"]
-            train_rows = self._rows(chat_model, job.items["training"], results, rejects)
+            train_rows = self._rows(chat_model, job.items["training"], results, rejects, outcomes)
             write(f"training/{src}", job.i, train_rows, k,
                   sidecar_info(job.n_in["training"], len(train_rows), rejects, share["training"],
                                sum(len(r["token_ids"]) for r in train_rows),
-                               forward_tokens=forwarded["training"],
+                               forward_tokens=forwarded["training"], lookahead=la_cost,
                                tok_per_s=round(total / max(seconds, 1e-9), 1)))
         if "inference" in job.items:
             rejects = job.rejects["inference"]
-            rows = self._rows(chat_model, job.items["inference"], results, rejects)
+            rows = self._rows(chat_model, job.items["inference"], results, rejects, outcomes)
             by_id = {r["id"]: r for r in rows}
             by_id.update({i: {**r, "mode": "inference"} for i, r in job.reused.items()})
             reused = len(job.reused)
@@ -452,6 +486,22 @@ class TeacherStage(Stage):
                                forward_tokens=forwarded["inference"],
                                tok_per_s=round(total / max(seconds, 1e-9), 1)))
         bar.update(len(job.records), 0)
+
+    def _wants_lookahead(self, ctx: Context, chat_model) -> bool:
+        """prep.lookahead runs for a source whose tokenizer is not the target's (the align stage copies or
+        projects identical vocabularies as they are) and when both give offsets (MinED pairs 1:1 only)."""
+        if not ctx.cfg.prep.lookahead.enabled:
+            return False
+        from profuser.align import same_tokenizer
+        from profuser.models import has_offsets, load_chat_tokenizer
+
+        if getattr(self, "_target_tok", None) is None:
+            self._target_tok = load_chat_tokenizer(ctx.cfg.target).tokenizer
+        tgt, src = self._target_tok, chat_model.tokenizer
+        use = not same_tokenizer(src, tgt) and has_offsets(src) and has_offsets(tgt)
+        ctx.say(f"teacher: {chat_model.name}: word lookahead " + ("on" if use else "off (" + (
+            "same tokenizer as the target" if same_tokenizer(src, tgt) else "a tokenizer without offsets") + ")"))
+        return use
 
     def run(self, ctx: Context, todo: dict[str, list[int]]) -> None:
         stage_dir = ctx.stage_dir(self.name)
@@ -475,6 +525,7 @@ class TeacherStage(Stage):
                 if not tr and not inf:
                     continue
                 chat_model = ctx.loader(spec)
+                lookahead = self._wants_lookahead(ctx, chat_model)
                 shards = sorted(tr | inf)
                 bar = Progress(ctx, sum(ctx.stage_dir("normalize").num_rows("records", i) for i in shards),
                                f"teacher {src}")
@@ -484,7 +535,7 @@ class TeacherStage(Stage):
                     if n + 1 < len(shards):
                         j = shards[n + 1]
                         nxt = reader.submit(self._prepare, ctx, chat_model, j, j in tr, j in inf)
-                    self._shard(ctx, chat_model, job, bar, write)
+                    self._shard(ctx, chat_model, job, bar, write, lookahead)
                 bar.close()
                 drain(0)
                 del chat_model, job, nxt
@@ -514,12 +565,24 @@ class TeacherStage(Stage):
             fwd = sum(stage_dir.sidecar(part, i).get("forward_tokens", 0) for i in range(n))
             speed[part] = {"forward_tokens": fwd, "response_tokens": v.get("tokens", 0), "seconds": v.get("seconds", 0),
                            "tok_per_s": round(fwd / v["seconds"], 1) if v.get("seconds") else None}
+        lookahead: dict = {}
+        for m in ctx.cfg.sources:
+            la = [stage_dir.sidecar(f"training/{m.name}", i).get("lookahead") for i in range(n)]
+            la = [c for c in la if c]
+            if la:
+                tot = {key: sum(c.get(key, 0) for c in la) for key in ("word_starts", "outcomes", "prefill_tokens",
+                                                                      "beam_tokens", "forwards", "seconds")}
+                lookahead[m.name] = tot
+                ws = max(tot["word_starts"], 1)
+                ctx.say(f"teacher: {m.name}: word lookahead at {tot['word_starts']:,} word starts: "
+                        f"{tot['outcomes'] / ws:.1f} outcomes, {tot['beam_tokens'] / ws:.1f} beam tokens and "
+                        f"{tot['prefill_tokens'] / ws:.1f} context tokens per word start ({tot['seconds']:.1f}s)")
         for m in ctx.cfg.sources:
             ps = [speed.get(f"{mode}/{m.name}", {}) for mode in PREP_MODES]
             fwd, sec = sum(p.get("forward_tokens", 0) for p in ps), sum(p.get("seconds", 0) for p in ps)
             if sec:
                 ctx.say(f"teacher: {m.name}: {fwd / sec:,.0f} tok/s forwarded ({fwd:,} tokens in {sec:.1f}s)")
-        return {"throughput": speed}
+        return {"throughput": speed, "lookahead": lookahead}
 
 
 def _as_arrays(row: dict, k: int) -> dict:

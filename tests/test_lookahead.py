@@ -1,0 +1,185 @@
+"""profuser.lookahead (prep.lookahead): the teacher side's word outcomes against plain full forwards,
+the align side's rows against their definition, on the tiny fixture families with random-init
+models (nothing mocked)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from profuser.chat import BUILTIN_TEMPLATES, encode_chat
+from profuser.lookahead import (Speller, apply_outcomes, observed_end, word_classes, word_outcomes, word_rows,
+                                word_starts)
+from profuser.tiny import FAMILIES, build_model, build_tokenizer
+
+PROMPT = [{"role": "user", "content": "A sentence?"}]
+TEXT = "The cat sat on the mat. Then it slept all day long."
+
+
+def _side(family: str, seed: int = 3):
+    tok = build_tokenizer(family)
+    model = build_model(FAMILIES[family][3], len(tok), seed, tok, hidden=64, layers=2).eval()
+    enc = encode_chat(tok, BUILTIN_TEMPLATES[FAMILIES[family][2]], PROMPT, TEXT)
+    return tok, model, enc
+
+
+def _run(model, tok, enc, **kw):
+    classes = word_classes(tok)
+    P = enc.prompt_len
+    starts = word_starts(enc.input_ids[P:], enc.text_tokens(TEXT, tok.all_special_ids), classes)
+    return starts, word_outcomes(model, list(enc.input_ids), P, starts, classes, **kw)
+
+
+@pytest.mark.parametrize("family", ["chatml_bpe", "vicuna_spm", "gemma_unigram"])
+def test_outcomes_are_the_teachers_own_path_probabilities(family):
+    """Every outcome's log-prob (batched prefill with left padding, KV-cache beam) is the log-sum of
+    its recorded paths, each scored alone by one plain forward of context + path (then, for a word,
+    any token that ends it); each path spells the outcome's text; a word start's outcomes hold at
+    most probability 1; the observed word is always an outcome."""
+    tok, model, enc = _side(family)
+    classes = word_classes(tok)
+    P = enc.prompt_len
+    resp = list(enc.input_ids[P:])
+    # every word start's context in one left-padded prefill (batch_tokens large) ...
+    starts, oc = _run(model, tok, enc, k=6, branch=3, beam=8, steps=3, min_prob=0.0, trace=True, batch_tokens=10**6)
+    assert len(starts) >= 8 and len(oc.texts) > 5 * len(starts)
+    # ... gives what one word start at a time does (batch_tokens 1: no padding)
+    _, alone = _run(model, tok, enc, k=6, branch=3, beam=8, steps=3, min_prob=0.0, batch_tokens=1)
+    a, b = (dict(zip(zip(x.rows, x.texts), x.logprobs)) for x in (alone, oc))
+    assert a.keys() == b.keys() and all(abs(a[o] - b[o]) < 1e-4 for o in a)
+    ender = torch.tensor(classes.ender)
+    checked = 0
+    for r, text, lp, paths in zip(oc.rows, oc.texts, oc.logprobs, oc.paths):
+        if r not in starts[::3]:  # every outcome of every third word start (each path is one full forward)
+            continue
+        checked += 1
+        scores = []
+        for p in paths:
+            toks = [t for t in p if t != "end"]
+            assert "".join(classes.text[t] for t in toks) == text
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([list(enc.input_ids[:P + r]) + toks])).logits[0].double()
+            logp = logp.log_softmax(-1)
+            sc = sum(float(logp[P + r - 1 + i, t]) for i, t in enumerate(toks))
+            if p[-1] == "end":
+                sc += float(logp[-1, ender[:logp.shape[-1]]].logsumexp(0))
+            scores.append(sc)
+        assert lp == pytest.approx(float(np.logaddexp.reduce(scores)), abs=2e-4), (r, text)
+    assert checked > 20
+    for r in starts:
+        mine = {t: lp for rr, t, lp in zip(oc.rows, oc.texts, oc.logprobs) if rr == r}
+        assert math.fsum(math.exp(v) for v in mine.values()) <= 1 + 1e-5
+        last = observed_end(resp, r, classes)
+        if last - r < 3:  # within the steps: the observed word was followed whatever the beam
+            assert "".join(classes.text[t] for t in resp[r:last + 1]) in mine
+
+
+def test_a_wider_beam_only_adds_mass_and_a_floor_only_removes_outcomes():
+    tok, model, enc = _side("gemma_unigram", 4)
+    kw = dict(k=6, branch=3, steps=3)
+    _, narrow = _run(model, tok, enc, beam=4, min_prob=0.0, **kw)
+    _, wide = _run(model, tok, enc, beam=16, min_prob=0.0, **kw)
+    _, floor = _run(model, tok, enc, beam=4, min_prob=3e-4, **kw)
+    key = lambda oc: {(r, t): lp for r, t, lp in zip(oc.rows, oc.texts, oc.logprobs)}  # noqa: E731
+    n, w, f = key(narrow), key(wide), key(floor)
+    assert set(n) < set(w) and all(w[o] >= v - 1e-5 for o, v in n.items())
+    assert set(f) < set(n) and all(v <= n[o] + 1e-5 for o, v in f.items())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 4), min_size=1, max_size=4).map(tuple),
+                          st.floats(-8.0, 0.0)), min_size=1, max_size=8),
+       st.lists(st.integers(0, 4), min_size=1, max_size=4).map(tuple), st.integers(1, 5))
+def test_word_rows_are_the_outcomes_conditionals(spelled, observed, k):
+    """At t = 0 every id holds the total probability of the outcomes spelled starting with it; at t >
+    0 the same over the outcomes that start with observed[:t], divided by their mass (so at most 1);
+    at most k entries, the most probable ones, and the observed token among them when it has mass."""
+    rows = word_rows(observed, spelled, k)
+    assert len(rows) == len(observed)
+    for t, got in enumerate(rows):
+        cons = [(sq, lp) for sq, lp in spelled if sq[:t] == observed[:t]]
+        full: dict[int, float] = {}
+        for sq, lp in cons:
+            if len(sq) > t:
+                full[sq[t]] = full.get(sq[t], 0.0) + math.exp(lp)
+        if not full:
+            assert got is None
+            continue
+        z = 1.0 if t == 0 else math.fsum(math.exp(lp) for _, lp in cons)
+        ids, lps = got
+        assert len(ids) == min(k, len(full)) and len(set(ids)) == len(ids)
+        for i, v in zip(ids, lps):
+            assert math.exp(v) == pytest.approx(min(full[i] / z, 1.0), rel=1e-6)
+        assert sum(math.exp(v) for v in lps) <= (1 + 1e-6 if t else sum(full.values()) + 1e-6)
+        if observed[t] in full:
+            assert observed[t] in ids
+        rest = sorted((full[i] for i in full if i not in ids and i != observed[t]), reverse=True)
+        others = [full[i] / z for i in ids if i != observed[t]]
+        if rest and others:  # no dropped id is more probable than a kept one (the label aside)
+            assert rest[0] / z <= min(others) + 1e-9
+
+
+def test_speller_spells_between_two_words_or_refuses():
+    tok = build_tokenizer("chatml_bpe")
+    sp = Speller(tok)
+    enc = tok("Xx cat xx", add_special_tokens=False, return_offsets_mapping=True)
+    inside = tuple(t for t, (a, _) in zip(enc.input_ids, enc.offset_mapping) if 2 <= a < 6)
+    assert len(inside) >= 1 and sp(" cat") == inside and " cat" in sp.cache
+    # a text the tokenizer spells together with the word before it: "Xx" + "xcat" is X + xxcat
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(["xxcat xxcat cat xx"] * 50, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    other = Speller(PreTrainedTokenizerFast(tokenizer_object=bpe))
+    assert other("xcat") is None and other(" cat") is not None and other("cat") is not None
+
+
+@pytest.mark.parametrize("src,tgt", [("gemma_unigram", "chatml_bpe"), ("chatml_bpe", "gemma_unigram"),
+                                     ("vicuna_spm", "gemma_unigram")])
+def test_align_sample_replaces_the_rule_only_inside_tiled_words(src, tgt):
+    """align_sample with outcomes: the rule's rows stay wherever no word was taught; every taught
+    position lies inside an observed word the target tiles, and holds word_rows' entries over the
+    outcomes spelled by the target (at most probability 1)."""
+    from types import SimpleNamespace
+
+    from profuser.chat import end_of_turn_id
+    from profuser.prep.align_stage import Pair, Target, align_sample
+    from profuser.prep.teacher import teacher_forward
+    from profuser.vocab_map import pair_tables, prefix_trie
+
+    stok, model, enc = _side(src)
+    ttok = build_tokenizer(tgt)
+    s_cm = SimpleNamespace(tokenizer=stok, template=BUILTIN_TEMPLATES[FAMILIES[src][2]], spec=SimpleNamespace(name=src))
+    t_cm = SimpleNamespace(tokenizer=ttok, template=BUILTIN_TEMPLATES[FAMILIES[tgt][2]], spec=SimpleNamespace(name=tgt))
+    s_eot, t_eot = end_of_turn_id(stok, s_cm.template), end_of_turn_id(ttok, t_cm.template)
+    first, by_byte = pair_tables(stok, ttok, "prefix", {s_eot: t_eot})
+    pair = Pair(src, s_cm, s_eot, False, False, first, by_byte, 1.0, "spans", prefix_trie(ttok))
+    target = Target(t_cm, t_eot, 4096)
+    P = enc.prompt_len
+    o = teacher_forward(model, [enc.input_ids], [len(enc.input_ids) - P], 6)[0]
+    args = (pair, target, "truncate_left", PROMPT, TEXT, np.asarray(enc.input_ids[P:]), -o.nll, o.topk_ids,
+            o.topk_logprobs)
+    _, oc = _run(model, stok, enc, k=6, branch=3, beam=8, steps=4, min_prob=1e-4)
+    rule = align_sample(*args)
+    got = align_sample(*args, (oc.rows, oc.texts, oc.logprobs))
+    assert rule["n_lookahead"] == 0 and got["n_lookahead"] >= 5
+    changed = np.flatnonzero((got["topk_ids"] != rule["topk_ids"]).any(axis=1)
+                             | (got["topk_logprobs"] != rule["topk_logprobs"]).any(axis=1))
+    assert 0 < len(changed) <= got["n_lookahead"]
+    te = encode_chat(ttok, t_cm.template, PROMPT, TEXT)
+    c = te.text.find(TEXT, te.boundary)
+    # the target positions that lie inside a word of the response (between a space and the next non-word character)
+    starts = [a - c for a, _ in te.offsets]
+    inside_word = [0 <= a < len(TEXT) and (TEXT[a].isalnum() or (TEXT[a] == " " and a + 1 < len(TEXT)
+                                                                and TEXT[a + 1].isalnum())) for a in starts]
+    assert all(inside_word[j] for j in changed), [te.offsets[j] for j in changed if not inside_word[j]]
+    for j in changed:
+        p = np.exp(got["topk_logprobs"][j].astype(np.float64))
+        assert p.sum() <= 1 + 2e-3 and (got["topk_ids"][j][p > 0] >= 0).all()
