@@ -128,7 +128,7 @@ def main(argv=None) -> None:
         "device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} torch threads",
         "teacher": f"SmolLM2-135M-Instruct ({Path(gguf).name}, vocab {cm.model.config.vocab_size})",
         "target_tokenizer": f"Gemma-3-270M ({len(gemma)} tokens)",
-        "answers": len(items), "response_tokens": tokens, "lookahead": la.model_dump(),
+        "answers": len(items), "response_tokens": tokens, "lookahead": la.model_dump(exclude={"enabled"}),
         "teacher_forward_seconds": [round(x, 2) for x in t_fw], "lookahead_seconds": [round(x, 2) for x in t_la],
         "ratio_lookahead_over_teacher_forward": round(statistics.median(ratios), 1),
         "target_positions": pos, "lookahead_share": round(taught / pos, 4),
