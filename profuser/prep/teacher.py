@@ -407,8 +407,9 @@ class TeacherStage(Stage):
             forwarded[first[u]] += len(u) - 1
         return results, forwarded
 
-    def _lookahead(self, ctx: Context, chat_model, job: _ShardJob) -> tuple[dict, dict]:
-        """Word outcomes of every unique sequence of the shard ({sequence: Outcomes}) and their cost."""
+    def _lookahead(self, ctx: Context, chat_model, job: _ShardJob, bar: Progress) -> tuple[dict, dict]:
+        """Word outcomes of every unique sequence of the shard ({sequence: Outcomes}) and their cost
+        (the bar's postfix counts the sequences done: this is the long part of the shard)."""
         from profuser.lookahead import word_classes, word_outcomes, word_starts
 
         la, classes = ctx.cfg.prep.lookahead, word_classes(chat_model.tokenizer)
@@ -416,11 +417,13 @@ class TeacherStage(Stage):
         out: dict = {}
         cost = {"word_starts": 0, "outcomes": 0}
         t0 = time.time()
+        n = len({tuple(it.enc.input_ids) for items in job.items.values() for it in items})
         for items in job.items.values():
             for it in items:
                 u = tuple(it.enc.input_ids)
                 if u in out:
                     continue
+                bar.bar.set_postfix_str(f"shard {job.i}: word lookahead {len(out)}/{n} sequences", refresh=True)
                 P = it.enc.prompt_len
                 starts = word_starts(u[P:], it.text, classes)
                 out[u] = word_outcomes(chat_model.model, list(u), P, starts, classes, ctx.cfg.prep.topk, la.branch,
@@ -456,7 +459,7 @@ class TeacherStage(Stage):
         src, k = chat_model.name, ctx.cfg.prep.topk
         t0 = time.time()
         results, forwarded = self._forward(ctx, chat_model, job, bar)
-        outcomes, la_cost = self._lookahead(ctx, chat_model, job) if lookahead else (None, None)
+        outcomes, la_cost = self._lookahead(ctx, chat_model, job, bar) if lookahead else (None, None)
         seconds = time.time() - t0
         total = sum(forwarded.values())
         share = {m: seconds * (f / total if total else 1 / len(forwarded)) for m, f in forwarded.items()}
