@@ -134,9 +134,8 @@ def main(argv=None) -> None:
         "target_positions": pos, "lookahead_share": round(taught / pos, 4),
         "coverage_rule": round(cov_rule / pos, 4), "coverage_with_lookahead": round(cov_la / pos, 4),
     }
-    ws = sum(len(s) for s in starts)
-    result["per_response_token"] = {"word_starts": round(ws / tokens, 3),
-                                    "outcomes": round(sum(len(o.texts) for o in oc) / tokens, 2),
+    result["per_response_token"] = {"word_starts": round(cost["word_starts"] / tokens, 3),
+                                    "outcomes": round(cost["outcomes"] / tokens, 2),
                                     "beam_tokens": round(cost["beam_tokens"] / tokens, 2),
                                     "context_tokens": round(cost["prefill_tokens"] / tokens, 2),
                                     "forwards": round(cost["forwards"] / tokens, 3)}

@@ -218,9 +218,6 @@ def teacher_rows(teacher, side: ChatSide, sents: list[str], lookahead: Optional[
             starts = word_starts(e.input_ids[e.prompt_len:], e.text_tokens(s), classes)
             oc = word_outcomes(teacher, list(e.input_ids), e.prompt_len, starts, classes, K, **lookahead, cost=cost)
             row["lookahead"] = (oc.rows, oc.texts, oc.logprobs)
-            if cost is not None:
-                cost["word_starts"] = cost.get("word_starts", 0) + len(starts)
-                cost["outcomes"] = cost.get("outcomes", 0) + len(oc.texts)
         out.append(row)
     return out
 
@@ -306,22 +303,21 @@ class WordOracle:
         self.words = words
         self._seq: dict = {}
         self._ctx: dict = {}
-        self._classes: dict = {}
+        self._space: dict = {}
 
-    def classes(self, side: ChatSide, n: int):
-        """Per token id < n of `side` (cached): its surface (b"" for special tokens) and three masks:
-        starts with a space, is ".", starts with a letter (continues a word)."""
+    def space(self, side: ChatSide, n: int):
+        """bool tensor [n] (cached per family): the token id's surface starts with a space (special
+        tokens: False)."""
         key = (side.family, n)
-        if key not in self._classes:
+        if key not in self._space:
             import torch
 
             from profuser.align import surfaces
 
             surf = surfaces(side.tokenizer)
-            raw = [surf.surfaces[i] if i < len(surf.surfaces) and not surf.special[i] else b"" for i in range(n)]
-            self._classes[key] = (raw, torch.tensor([b[:1] == b" " for b in raw]),
-                                  torch.tensor([b == b"." for b in raw]), torch.tensor([b[:1].isalpha() for b in raw]))
-        return self._classes[key]
+            self._space[key] = torch.tensor([i < len(surf.surfaces) and not surf.special[i]
+                                               and surf.surfaces[i][:1] == b" " for i in range(n)])
+        return self._space[key]
 
     def seq(self, side: ChatSide, text: str):
         key = (side.family, text)
@@ -361,7 +357,7 @@ class WordOracle:
             # position t of the outcome is predicted by the context's last logits (t = 0) or the
             # outcome's token t - 1
             pred = torch.cat([first.logits[:, -1:].expand(B, 1, -1), logits], dim=1).float().log_softmax(-1)
-        space = self.classes(side, pred.shape[-1])[1]
+        space = self.space(side, pred.shape[-1])
         tok = torch.cat([ids, torch.full((B, 1), pad)], dim=1)
         got = pred.gather(2, tok[:, :, None]).squeeze(2)  # [B, width + 1]
         valid = torch.arange(width + 1)[None, :] < lens[:, None]

@@ -62,6 +62,19 @@ class WordClasses:
     path: np.ndarray  # bool [V]: whitespace, then word characters or nothing: a word path starts here
     piece: np.ndarray  # bool [V]: word characters only: continues a word
     ender: np.ndarray  # bool [V]: ends a word before it (special, or its first character is no word character)
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)  # (n, device) -> (piece, ender) tensors
+
+    def masks(self, n: int, device):
+        """piece and ender as bool tensors of length n (a head wider than the vocabulary pads False),
+        on `device`, built once per (n, device)."""
+        key = (n, str(device))
+        if key not in self._masks:
+            import torch
+
+            pad = np.zeros(max(0, n - len(self.text)), dtype=bool)
+            self._masks[key] = tuple(torch.tensor(np.concatenate([m[:n], pad]), device=device)
+                                     for m in (self.piece, self.ender))
+        return self._masks[key]
 
 
 _CLASSES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -164,21 +177,20 @@ def word_outcomes(model, seq: list[int], prompt_len: int, starts, classes: WordC
                   beam: int = 32, steps: int = 8, min_prob: float = 1e-3, pad_id: int = 0,
                   batch_tokens: int = 16384, trace: bool = False, cost: Optional[dict] = None) -> Outcomes:
     """The teacher's word outcomes at response rows `starts` of `seq` (prompt + response tokens) by
-    the beam in the module docstring. `cost` (a dict) accumulates "prefill_tokens", "beam_tokens"
-    (one per path and step) and "forwards"."""
+    the beam in the module docstring. `cost` (a dict) accumulates "word_starts", "outcomes",
+    "prefill_tokens", "beam_tokens" (one per path and step) and "forwards"."""
     import torch
 
     device = next(model.parameters()).device
     resp = [int(t) for t in seq[prompt_len:]]
     min_lp = math.log(min_prob) if min_prob > 0 else -math.inf
     V = len(classes.text)
-    piece_t = torch.zeros(0, dtype=torch.bool)
-    ender_t = piece_t
     out = Outcomes(paths=[] if trace else None)
     cost = cost if cost is not None else {}
-    for key in ("prefill_tokens", "beam_tokens", "forwards"):
+    for key in ("word_starts", "outcomes", "prefill_tokens", "beam_tokens", "forwards"):
         cost.setdefault(key, 0)
     starts = [int(r) for r in starts]
+    cost["word_starts"] += len(starts)
     # word starts in chunks whose beam cache (beam rows per word start x the longest context) stays
     # within batch_tokens tokens
     per = max(1, batch_tokens // max(1, (prompt_len + max(starts, default=0)) * max(1, beam)))
@@ -197,10 +209,7 @@ def word_outcomes(model, seq: list[int], prompt_len: int, starts, classes: WordC
                                        position_ids=pos.to(device), use_cache=True)
             first = last.float().log_softmax(-1)
             n_v = first.shape[-1]
-            if piece_t.numel() != n_v:
-                pad = max(0, n_v - V)
-                piece_t = torch.tensor(np.concatenate([classes.piece[:n_v], np.zeros(pad, bool)]), device=device)
-                ender_t = torch.tensor(np.concatenate([classes.ender[:n_v], np.zeros(pad, bool)]), device=device)
+            piece_t, ender_t = classes.masks(n_v, device)
             cost["prefill_tokens"] += int(mask.sum())
             cost["forwards"] += 1
             found: list[dict] = [{} for _ in chunk]
@@ -265,6 +274,7 @@ def word_outcomes(model, seq: list[int], prompt_len: int, starts, classes: WordC
                 if trace:
                     out.paths.append(spell[w][text])
         del cache
+    cost["outcomes"] += len(out.texts)
     return out
 
 

@@ -337,8 +337,9 @@ class TeacherRows:
     def column(self, name: str) -> list:
         if name not in self._cols:
             c = self.table[name]
+            numeric = name.startswith("token_") or name in ("lookahead_rows", "lookahead_logprobs")
             self._cols[name] = (unnest(c, self.k) if name.startswith("topk") else
-                                unnest(c) if name.startswith("token_") else c.to_pylist())
+                                unnest(c) if numeric else c.to_pylist())
         return self._cols[name]
 
     def row(self, j: int) -> dict:

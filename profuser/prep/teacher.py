@@ -415,7 +415,7 @@ class TeacherStage(Stage):
         la, classes = ctx.cfg.prep.lookahead, word_classes(chat_model.tokenizer)
         pad = chat_model.tokenizer.pad_token_id or 0
         out: dict = {}
-        cost = {"word_starts": 0, "outcomes": 0}
+        cost: dict = {}
         t0 = time.time()
         n = len({tuple(it.enc.input_ids) for items in job.items.values() for it in items})
         for items in job.items.values():
@@ -428,8 +428,6 @@ class TeacherStage(Stage):
                 starts = word_starts(u[P:], it.text, classes)
                 out[u] = word_outcomes(chat_model.model, list(u), P, starts, classes, ctx.cfg.prep.topk, la.branch,
                                        la.beam, la.steps, la.min_prob, pad, ctx.cfg.prep.batch_tokens, cost=cost)
-                cost["word_starts"] += len(starts)
-                cost["outcomes"] += len(out[u].texts)
         cost["seconds"] = round(time.time() - t0, 3)
         return out, cost
 
@@ -501,10 +499,10 @@ class TeacherStage(Stage):
         if getattr(self, "_target_tok", None) is None:
             self._target_tok = load_chat_tokenizer(ctx.cfg.target).tokenizer
         tgt, src = self._target_tok, chat_model.tokenizer
-        use = not same_tokenizer(src, tgt) and has_offsets(src) and has_offsets(tgt)
-        ctx.say(f"teacher: {chat_model.name}: word lookahead " + ("on" if use else "off (" + (
-            "same tokenizer as the target" if same_tokenizer(src, tgt) else "a tokenizer without offsets") + ")"))
-        return use
+        why = ("same tokenizer as the target" if same_tokenizer(src, tgt) else
+               None if has_offsets(src) and has_offsets(tgt) else "a tokenizer without offsets")
+        ctx.say(f"teacher: {chat_model.name}: word lookahead " + (f"off ({why})" if why else "on"))
+        return why is None
 
     def run(self, ctx: Context, todo: dict[str, list[int]]) -> None:
         stage_dir = ctx.stage_dir(self.name)
