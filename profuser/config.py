@@ -219,8 +219,8 @@ class LookaheadConfig(Section):
         False, description="Teacher stage: at every response word start, follow the teacher's top-k next tokens to the "
         "end of their word (a beam over its own continuations) and store the word outcomes; the align stage spells "
         "them with the target tokenizer and teaches the target's tokens of each word from them (docs/ARCHITECTURE.md, "
-        "'Word lookahead'). For sources whose tokenizer differs from the target's; costs extra teacher forwards "
-        "(README)."
+        "'Word lookahead'). For sources whose tokenizer differs from the target's; costs 12-14x the teacher "
+        "stage's own forward on CPU (README, bench_lookahead)."
     )
     branch: int = Field(4, description="Word pieces a path is extended by per step.", ge=1)
     beam: int = Field(32, description="Live paths kept per word start and step.", ge=1)
@@ -235,7 +235,8 @@ class PrepConfig(Section):
     batch_size: int = Field(8, description="Most sequences per teacher-forcing batch (see batch_tokens).", ge=1)
     batch_tokens: int = Field(
         16384, description="Teacher forcing: padded tokens per batch. Sequences sorted by length are grouped while "
-        "(sequences x longest) stays within this and batch_size; a longer sequence goes alone.", ge=1
+        "(sequences x longest) stays within this and batch_size; a longer sequence goes alone. The word lookahead "
+        "decodes batch_tokens // (beam x steps) word starts at a time.", ge=1
     )
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Response generation (inference mode).")
     vocab_mapping: Literal["prefix", "exact", "soft"] = Field(

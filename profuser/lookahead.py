@@ -20,8 +20,14 @@ the word (a special token or one whose first character is not a word character).
 starts no word path (".", " (", "\\n\\n" ...) is an outcome of its own surface. The observed word (the
 tokens the source used) is always followed, beyond the beam's limits, so its outcome is exact.
 Mass outside the top-k, the beam, the steps or the floor is lost, never renormalized away.
-Contexts are prefilled together (left padding, explicit positions) and the beam decodes one token
-per path and step on the prefill's KV cache (Cache.reorder_cache selects each child's parent).
+Compute (`_Tree`): every word start's context is a prefix of the sequence, so one forward of the
+sequence gives every word start's first row and a KV cache all of them share; the beam then runs as
+a token tree on that cache, every live path's newest token fed in one row per step with its own
+position and a 4-D attention mask (the context up to its word start, its own earlier tokens,
+itself; a sliding layer's window kept). Where the model's attention cannot be reproduced that way
+(chunked attention, other layer types) each word start's context is prefilled on its own (left
+padding, explicit positions) and the beam decodes one cache row per path (Cache.reorder_cache);
+the outcomes are the same, the cost many times higher (docs/ARCHITECTURE.md, "Word lookahead").
 
 Align side (`apply_outcomes`, numpy): each outcome text is spelled with the target tokenizer
 (`Speller`: the text between "Xx" and " xx", cached per text; None when the target's tokens do not
@@ -157,28 +163,249 @@ class _Path:
     w: int  # word start (index into the chunk)
     toks: list  # teacher tokens from the word start on
     lp: float
-    parent: int  # the cache row it extends
+    parent: int  # the cache row it extends (left-padded prefill)
     forced: bool  # the observed word's path
+    anc: tuple = ()  # where its tokens before the newest were fed, counted after the context (token tree)
 
 
-def _last_logits(model, **kw):
-    """The model's logits at the last position only (logits_to_keep=1 where the model takes it)."""
+def _logits(model, keep, **kw):
+    """The model's logits at positions `keep` (an int: that many last positions; a 1-D tensor: those
+    positions) through `logits_to_keep` where the model takes it, and the cache."""
     if getattr(model, "_profuser_keep_last", True):
         try:
-            out = model(logits_to_keep=1, **kw)
-            return out.logits[:, -1], out.past_key_values
+            out = model(logits_to_keep=keep, **kw)
+            return out.logits, out.past_key_values
         except TypeError:
             model._profuser_keep_last = False
     out = model(**kw)
-    return out.logits[:, -1], out.past_key_values
+    logits = out.logits[:, -keep:] if isinstance(keep, int) else out.logits[:, keep]
+    return logits, out.past_key_values
+
+
+def _last_logits(model, **kw):
+    """The model's logits at the last position only, and the cache."""
+    logits, cache = _logits(model, 1, **kw)
+    return logits[:, -1], cache
+
+
+COST_KEYS = ("sequences", "tree_sequences", "word_starts", "outcomes", "prefill_tokens", "beam_tokens", "forwards")
+_MASK_4D = ("sdpa", "eager")  # attention implementations that take an explicit 4-D attention mask
+
+
+def _attention(model) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How the model's layers attend, as the token tree must mask them."""
+    window: Optional[int] = None  # the sliding window (keys at most window - 1 positions back), if any layer has one
+    types: Optional[tuple] = None  # layer types when the model takes a mask per type ({type: mask}), else one mask
+    reason: Optional[str] = None  # why the tree cannot reproduce this attention
+
+
+def _layout(model) -> _Layout:
+    """Full attention, a sliding window on every layer (Mistral: one mask), or full and sliding layers
+    (layer_types, Gemma-2/3 and Qwen2: a mask per type). Chunked attention (Llama 4) or other layer
+    types: reason."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    if cfg is None:
+        return _Layout()
+    if getattr(cfg, "attention_chunk_size", None) is not None:
+        return _Layout(reason=f"chunked attention ({cfg.attention_chunk_size} tokens)")
+    window = getattr(cfg, "sliding_window", None)
+    types = tuple(getattr(cfg, "layer_types", None) or ())
+    if types:
+        other = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if other:
+            return _Layout(reason=f"layer types {other}")
+        if "sliding_attention" not in types:
+            return _Layout()
+        if window is None:
+            return _Layout(reason="sliding layers without a sliding_window")
+        return _Layout(window, tuple(sorted(set(types))))
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    return _Layout(window)
+
+
+def tree_note(model) -> str:
+    """What word_outcomes' compute will be on this model, for the prep log: "" where every sequence
+    is a token tree on the model's own attention."""
+    notes = []
+    if _attention(model) not in _MASK_4D:
+        notes.append(f"its {_attention(model)!r} attention takes no 4-D mask: sdpa during the lookahead")
+    layout = _layout(model)
+    if layout.reason:
+        notes.append(f"{layout.reason}: every word start's context is prefilled on its own (the same outcomes, "
+                     "many times slower)")
+    elif layout.window is not None:
+        notes.append(f"sliding window {layout.window}, masked in the token tree")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+class _Tree:
+    """The sequence's context, shared by every word start, and the beam as a token tree on it.
+
+    One forward of the sequence up to its last word start gives every word start's first rows (the
+    logits at the end of its context) and the context's cache (batch 1, every layer's keys kept in
+    full). A chunk of word starts then decodes its paths on that cache as one sequence: each step
+    feeds every live path's newest token at once (position: its word start's context length + its
+    depth), each seeing, through an explicit 4-D attention mask, the context up to its own word
+    start, the tokens of its own path fed before, and itself, nothing else (and, on a sliding layer,
+    nothing `window` or more positions back). The cache grows by the chunk's fed tokens and starts
+    again from the context for the next chunk. `reason` says why the model does not allow it (an
+    attention that takes no 4-D mask; chunked attention or other layer types; a cache it cannot
+    reuse), else is None."""
+
+    def __init__(self, model, seq: list, prompt_len: int, starts: list, device):
+        import torch
+        from transformers import DynamicCache
+
+        self.T = prompt_len + max(starts)
+        attn, self.layout = _attention(model), _layout(model)
+        checked = getattr(model, "_profuser_tree_checks", {})  # the check's verdict per attention and layout
+        key = (attn, self.layout)
+        self.reason = (self.layout.reason if self.layout.reason else
+                       None if attn in _MASK_4D else f"attention {attn!r} takes no 4-D mask") or checked.get(key)
+        if self.reason:
+            return
+        at = torch.tensor([prompt_len + r - 1 for r in starts], device=device)
+        logits, cache = _logits(model, at, input_ids=torch.tensor([seq[:self.T]], device=device),
+                                past_key_values=DynamicCache(), use_cache=True)  # no config: no layer drops keys
+        layers = getattr(cache, "layers", None)
+        if not layers or any(getattr(layer, "keys", None) is None or layer.keys.shape[-2] != self.T
+                             for layer in layers):
+            self.reason = f"a cache this code cannot reuse ({type(cache).__name__})"
+            return
+        self.first = logits[0]
+        self.kv = [(layer.keys, layer.values) for layer in layers]
+        self.index = {r: i for i, r in enumerate(starts)}
+        self.dtype = next(model.parameters()).dtype
+        self.device = device
+        if key not in checked:  # once per model, attention and layout
+            checked[key] = self._check(model, seq)
+            try:
+                model._profuser_tree_checks = checked
+            except AttributeError:
+                pass
+        self.reason = checked[key]
+
+    def _check(self, model, seq: list) -> Optional[str]:
+        """The context's last token fed again as a one-token tree on the context before it must give the
+        shared forward's row there (the last word start's first row): None, else why not."""
+        import torch
+
+        ref = self.first[self.index[max(self.index)]].float().log_softmax(-1)
+        _, cache = self.chunk([])
+        try:
+            logits, _ = _logits(model, 1, input_ids=torch.tensor([[seq[self.T - 1]]], device=self.device),
+                                attention_mask=self.mask([self.T - 1], [()], 0, 1),
+                                position_ids=torch.tensor([[self.T - 1]], device=self.device), past_key_values=cache,
+                                use_cache=True)
+        except Exception as e:  # noqa: BLE001 - any failure means: not this way on this model
+            return f"the model does not take the token tree's mask ({type(e).__name__}: {e})"
+        top = ref.topk(min(20, ref.numel())).indices
+        diff = float((logits[0, -1].float().log_softmax(-1)[top] - ref[top]).abs().max())
+        tol = 1e-3 if self.dtype == torch.float32 else 0.25
+        return None if diff <= tol else (f"a token tree row differs from the model's own forward by {diff:.3g} "
+                                         f"(more than {tol}) in log-probability")
+
+    def chunk(self, chunk: list):
+        """The chunk's first logits and a fresh cache holding the context."""
+        from transformers import DynamicCache
+
+        return (self.first[[self.index[r] for r in chunk]],
+                DynamicCache(ddp_cache_data=[(k, v) for k, v in self.kv]))
+
+    def _mask(self, lens: list, ancestors: list, fed: int, s: int, window: Optional[int]):
+        import torch
+
+        n = len(lens)
+        L = torch.tensor(lens)[:, None]
+        j = torch.arange(self.T)[None, :]
+        ok = torch.zeros((n, self.T + fed + n), dtype=torch.bool)
+        ctx = j < L
+        if window is not None:  # the query sits at position L + s - 1
+            ctx &= j > L + s - 1 - window
+        ok[:, :self.T] = ctx
+        # ancestor d (0-based depth) sits at position L + d: s - 1 - d positions back
+        keep = [[(i, self.T + a) for d, a in enumerate(anc) if window is None or s - 1 - d < window]
+                for i, anc in enumerate(ancestors)]
+        cells = [c for row in keep for c in row]
+        if cells:
+            rows, cols = zip(*cells)
+            ok[list(rows), list(cols)] = True
+        ok[torch.arange(n), self.T + fed + torch.arange(n)] = True
+        out = torch.zeros(ok.shape, dtype=self.dtype).masked_fill_(~ok, torch.finfo(self.dtype).min)
+        return out[None, None].to(self.device)
+
+    def mask(self, lens: list, ancestors: list, fed: int, s: int):
+        """The additive attention mask ([1, 1, paths, T + fed + paths]; {layer type: mask} for a model
+        with full and sliding layers) of one step whose paths hold s tokens: path i sees the context
+        before lens[i], the tokens fed at ancestors[i] (indices after the context) and itself."""
+        if self.layout.window is None:
+            return self._mask(lens, ancestors, fed, s, None)
+        sliding = self._mask(lens, ancestors, fed, s, self.layout.window)
+        if self.layout.types is None:
+            return sliding
+        full = self._mask(lens, ancestors, fed, s, None)
+        return {t: sliding if t == "sliding_attention" else full for t in self.layout.types}
+
+
+def _padded_prefill(model, seq: list, lens: list, pad_id: int, device):
+    """(last logits, cache, attention mask) of the contexts seq[:L] for L in lens, prefilled together
+    with left padding and explicit positions."""
+    import torch
+
+    width = max(lens)
+    ids = torch.full((len(lens), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(lens), width), dtype=torch.long)
+    for w, L in enumerate(lens):
+        ids[w, width - L:] = torch.tensor(seq[:L])
+        mask[w, width - L:] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    last, cache = _last_logits(model, input_ids=ids.to(device), attention_mask=mask.to(device),
+                               position_ids=pos.to(device), use_cache=True)
+    return last, cache, mask
 
 
 def word_outcomes(model, seq: list[int], prompt_len: int, starts, classes: WordClasses, k: int, branch: int = 4,
                   beam: int = 32, steps: int = 8, min_prob: float = 1e-3, pad_id: int = 0,
-                  batch_tokens: int = 16384, trace: bool = False, cost: Optional[dict] = None) -> Outcomes:
+                  batch_tokens: int = 16384, trace: bool = False, cost: Optional[dict] = None,
+                  tree: Optional[bool] = None) -> Outcomes:
     """The teacher's word outcomes at response rows `starts` of `seq` (prompt + response tokens) by
-    the beam in the module docstring. `cost` (a dict) accumulates "word_starts", "outcomes",
-    "prefill_tokens", "beam_tokens" (one per path and step) and "forwards"."""
+    the beam in the module docstring.
+
+    Compute: by default (`tree` None) one forward of the sequence shared by every word start, then
+    the beam of up to batch_tokens // (beam x steps) word starts at a time as a token tree on its
+    cache (`_Tree`), where the model allows it (`_Tree.reason`; a model on an attention that takes
+    no 4-D mask, FlashAttention-2 say, runs on sdpa for the call and goes back after); else (or with
+    `tree=False`) every word start's context prefilled on its own, batched with left padding (at
+    most batch_tokens context tokens x beam per batch), and the beam decoded with one cache row per
+    path. Both give the same outcomes; `tree=True` raises where the model does not allow the tree.
+    `cost` (a dict) accumulates COST_KEYS: "sequences" (calls), "tree_sequences" (those computed as a
+    tree), "word_starts", "outcomes", "prefill_tokens" (context tokens forwarded), "beam_tokens" (one
+    per path and step) and "forwards"."""
+    attn = _attention(model)
+    switch = (tree is not False and len(starts) > 0 and attn not in _MASK_4D
+              and hasattr(model, "set_attn_implementation"))
+    if switch:
+        try:
+            model.set_attn_implementation("sdpa")
+        except (ValueError, ImportError, NotImplementedError):  # the architecture has no sdpa: no tree
+            switch = False
+    try:
+        return _word_outcomes(model, seq, prompt_len, starts, classes, k, branch, beam, steps, min_prob, pad_id,
+                              batch_tokens, trace, cost, tree)
+    finally:
+        if switch and _attention(model) != attn:
+            model.set_attn_implementation(attn)
+
+
+def _word_outcomes(model, seq, prompt_len, starts, classes, k, branch, beam, steps, min_prob, pad_id, batch_tokens,
+                   trace, cost, tree) -> Outcomes:
     import torch
 
     device = next(model.parameters()).device
@@ -187,31 +414,42 @@ def word_outcomes(model, seq: list[int], prompt_len: int, starts, classes: WordC
     V = len(classes.text)
     out = Outcomes(paths=[] if trace else None)
     cost = cost if cost is not None else {}
-    for key in ("word_starts", "outcomes", "prefill_tokens", "beam_tokens", "forwards"):
+    for key in COST_KEYS:
         cost.setdefault(key, 0)
     starts = [int(r) for r in starts]
     cost["word_starts"] += len(starts)
-    # word starts in chunks whose beam cache (beam rows per word start x the longest context) stays
-    # within batch_tokens tokens
-    per = max(1, batch_tokens // max(1, (prompt_len + max(starts, default=0)) * max(1, beam)))
+    cost["sequences"] += 1
+    shared: Optional[_Tree] = None
+    if starts and tree is not False:
+        with torch.inference_mode():
+            shared = _Tree(model, seq, prompt_len, starts, device)
+        if shared.reason is None:
+            cost["prefill_tokens"] += shared.T
+            cost["forwards"] += 1
+            cost["tree_sequences"] += 1
+        elif tree:
+            raise ValueError(f"word_outcomes: tree=True, but {shared.reason}; leave tree unset to prefill each word "
+                             "start's context on its own there")
+        else:
+            shared = None
+    if shared is not None:  # a chunk's tree holds at most beam x steps fed tokens per word start
+        per = max(1, batch_tokens // max(1, beam * steps))
+    else:  # a chunk's cache holds beam rows per word start x the longest context
+        per = max(1, batch_tokens // max(1, (prompt_len + max(starts, default=0)) * max(1, beam)))
     for c0 in range(0, len(starts), per):
         chunk = starts[c0:c0 + per]
         lens = [prompt_len + r for r in chunk]
-        width = max(lens)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for w, L in enumerate(lens):
-            ids[w, width - L:] = torch.tensor(seq[:L])
-            mask[w, width - L:] = 1
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
         with torch.inference_mode():
-            last, cache = _last_logits(model, input_ids=ids.to(device), attention_mask=mask.to(device),
-                                       position_ids=pos.to(device), use_cache=True)
+            if shared is not None:
+                last, cache = shared.chunk(chunk)
+                fed = 0  # tokens fed after the context in this chunk
+            else:
+                last, cache, mask = _padded_prefill(model, seq, lens, pad_id, device)
+                cost["prefill_tokens"] += int(mask.sum())
+                cost["forwards"] += 1
             first = last.float().log_softmax(-1)
             n_v = first.shape[-1]
             piece_t, ender_t = classes.masks(n_v, device)
-            cost["prefill_tokens"] += int(mask.sum())
-            cost["forwards"] += 1
             found: list[dict] = [{} for _ in chunk]
             spell: list[dict] = [{} for _ in chunk]
 
@@ -235,13 +473,21 @@ def word_outcomes(model, seq: list[int], prompt_len: int, starts, classes: WordC
             for step in range(steps):
                 if not paths:
                     break
-                cache.reorder_cache(torch.tensor([p.parent for p in paths], device=device))
-                s = step + 1  # tokens in every live path
-                inp = torch.tensor([[p.toks[-1]] for p in paths], device=device)
-                m = torch.cat([mask[[p.w for p in paths]], torch.ones((len(paths), s), dtype=torch.long)], 1)
-                pp = torch.tensor([[lens[p.w] + s - 1] for p in paths])
-                row, cache = _last_logits(model, input_ids=inp, attention_mask=m.to(device), position_ids=pp.to(device),
-                                          past_key_values=cache, use_cache=True)
+                s = step + 1  # tokens in every live path; its newest is fed now, at position context + s - 1
+                pos = [lens[p.w] + s - 1 for p in paths]
+                newest = torch.tensor([p.toks[-1] for p in paths], device=device)
+                if shared is not None:  # every path's newest token in one row of the tree
+                    tree_mask = shared.mask([lens[p.w] for p in paths], [p.anc for p in paths], fed, s)
+                    row, cache = _logits(model, len(paths), input_ids=newest[None], attention_mask=tree_mask,
+                                         position_ids=torch.tensor([pos], device=device), past_key_values=cache,
+                                         use_cache=True)
+                    row = row[0]
+                else:  # one cache row per path
+                    cache.reorder_cache(torch.tensor([p.parent for p in paths], device=device))
+                    m = torch.cat([mask[[p.w for p in paths]], torch.ones((len(paths), s), dtype=torch.long)], 1)
+                    row, cache = _last_logits(model, input_ids=newest[:, None], attention_mask=m.to(device),
+                                              position_ids=torch.tensor(pos, device=device)[:, None],
+                                              past_key_values=cache, use_cache=True)
                 row = row.float().log_softmax(-1)
                 cost["forwards"] += 1
                 cost["beam_tokens"] += len(paths)
@@ -259,12 +505,15 @@ def word_outcomes(model, seq: list[int], prompt_len: int, starts, classes: WordC
                         j = chunk[p.w] + len(p.toks)
                         if j < len(resp) and 0 <= resp[j] < V and classes.piece[resp[j]]:
                             nxt = resp[j]
+                    anc = p.anc + (fed + b,) if shared is not None else ()
                     for v, t in zip(cv[b], ci[b]):
                         if t == nxt or not math.isfinite(v) or p.lp + v <= min_lp:
                             continue
-                        grown.setdefault(p.w, []).append(_Path(p.w, p.toks + [t], p.lp + v, b, False))
+                        grown.setdefault(p.w, []).append(_Path(p.w, p.toks + [t], p.lp + v, b, False, anc))
                     if nxt is not None:
-                        forced.append(_Path(p.w, p.toks + [nxt], p.lp + float(row[b, nxt]), b, True))
+                        forced.append(_Path(p.w, p.toks + [nxt], p.lp + float(row[b, nxt]), b, True, anc))
+                if shared is not None:
+                    fed += len(paths)
                 paths = [q for g in grown.values() for q in sorted(g, key=lambda q: -q.lp)[:beam]] + forced
         for w, r in enumerate(chunk):
             for text, lp in found[w].items():

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from profuser.chat import BUILTIN_TEMPLATES, encode_chat
-from profuser.lookahead import (Speller, apply_outcomes, observed_end, word_classes, word_outcomes, word_rows,
+from profuser.lookahead import (Speller, _Tree, apply_outcomes, observed_end, word_classes, word_outcomes, word_rows,
                                 word_starts)
 from profuser.tiny import FAMILIES, build_model, build_tokenizer
 
@@ -34,23 +34,66 @@ def _run(model, tok, enc, **kw):
     return starts, word_outcomes(model, list(enc.input_ids), P, starts, classes, **kw)
 
 
-@pytest.mark.parametrize("family", ["chatml_bpe", "vicuna_spm", "gemma_unigram"])
-def test_outcomes_are_the_teachers_own_path_probabilities(family):
-    """Every outcome's log-prob (batched prefill with left padding, KV-cache beam) is the log-sum of
-    its recorded paths, each scored alone by one plain forward of context + path (then, for a word,
-    any token that ends it); each path spells the outcome's text; a word start's outcomes hold at
-    most probability 1; the observed word is always an outcome."""
+def _gemma3(tok, window: int):
+    """A Gemma-3 text model (a sliding layer, then a full one) on the tokenizer `tok`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gemma3_text", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               sliding_window=window, layer_types=["sliding_attention", "full_attention"],
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)
+    torch.manual_seed(5)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("family,change", [("chatml_bpe", None), ("vicuna_spm", None), ("gemma_unigram", None),
+                                           ("chatml_bpe", "eager"), ("vicuna_spm", "window"),
+                                           ("chatml_bpe", "gemma3"), ("chatml_bpe", "other")])
+def test_outcomes_are_the_teachers_own_path_probabilities(family, change):
+    """Every outcome's log-prob is the log-sum of its recorded paths, each scored alone by one plain
+    forward of context + path (then, for a word, any token that ends it); each path spells the
+    outcome's text; a word start's outcomes hold at most probability 1; the observed word is always
+    an outcome. Computed as a token tree on one shared forward of the sequence (sdpa and eager
+    attention; sliding windows shorter than the sequence on every layer, as Mistral, or on some, as
+    Gemma-3; an attention that takes no 4-D mask runs on sdpa for the call), and from every context
+    prefilled on its own (the way where the tree cannot run); both ways, and every chunking, give the
+    same outcomes."""
     tok, model, enc = _side(family)
+    if change == "window":  # Mistral's sliding window on every layer, much shorter than the sequence
+        model.config.sliding_window = 6
+    elif change == "gemma3":
+        model = _gemma3(tok, 6)
+    elif change == "eager":
+        model.set_attn_implementation("eager")
+    assert len(enc.input_ids) > 40
     classes = word_classes(tok)
     P = enc.prompt_len
     resp = list(enc.input_ids[P:])
-    # every word start's context in one left-padded prefill (batch_tokens large) ...
-    starts, oc = _run(model, tok, enc, k=6, branch=3, beam=8, steps=3, min_prob=0.0, trace=True, batch_tokens=10**6)
+    kw = dict(k=6, branch=3, beam=8, steps=3, min_prob=0.0)
+    if change == "other":  # an attention that takes no 4-D mask (as FlashAttention-2): sdpa for the call
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register("profuser_test_attention", sdpa_attention_forward)
+        AttentionMaskInterface.register("profuser_test_attention", sdpa_mask)
+        model.set_attn_implementation("profuser_test_attention")
+        assert _Tree(model, list(enc.input_ids), P, [3], "cpu").reason == \
+            "attention 'profuser_test_attention' takes no 4-D mask"
+    cost: dict = {}
+    starts, oc = _run(model, tok, enc, trace=True, batch_tokens=10**6, cost=cost, **kw)
     assert len(starts) >= 8 and len(oc.texts) > 5 * len(starts)
-    # ... gives what one word start at a time does (batch_tokens 1: no padding)
-    _, alone = _run(model, tok, enc, k=6, branch=3, beam=8, steps=3, min_prob=0.0, batch_tokens=1)
-    a, b = (dict(zip(zip(x.rows, x.texts), x.logprobs)) for x in (alone, oc))
-    assert a.keys() == b.keys() and all(abs(a[o] - b[o]) < 1e-4 for o in a)
+    tree = cost["prefill_tokens"] == P + max(starts) and cost["forwards"] == 1 + 3
+    assert tree and cost["tree_sequences"] == 1, cost  # one forward of the sequence, then one per step
+    own = {"eager": "eager", "other": "profuser_test_attention"}.get(change, "sdpa")
+    assert model.config._attn_implementation == own  # switched back after the call
+    # the tree one word start at a time, every context prefilled on its own (batched with left
+    # padding, and one at a time) give the same outcomes
+    for other in (dict(batch_tokens=1), dict(tree=False, batch_tokens=10**6), dict(tree=False, batch_tokens=1)):
+        _, alone = _run(model, tok, enc, **other, **kw)
+        a, b = (dict(zip(zip(x.rows, x.texts), x.logprobs)) for x in (alone, oc))
+        assert a.keys() == b.keys() and all(abs(a[o] - b[o]) < 1e-4 for o in a), other
     ender = torch.tensor(classes.ender)
     checked = 0
     for r, text, lp, paths in zip(oc.rows, oc.texts, oc.logprobs, oc.paths):
@@ -183,3 +226,36 @@ def test_align_sample_replaces_the_rule_only_inside_tiled_words(src, tgt):
     for j in changed:
         p = np.exp(got["topk_logprobs"][j].astype(np.float64))
         assert p.sum() <= 1 + 2e-3 and (got["topk_ids"][j][p > 0] >= 0).all()
+
+
+def test_the_tree_refuses_attention_it_cannot_reproduce():
+    """Chunked attention or other layer types are refused by the config; a model that does not take the
+    tree's mask (a Llama told its layers slide, which LlamaModel does not read: a mask per layer type
+    reaches it) is refused by the tree's own check against the model's forward; tree=True raises and
+    names why (refused, word_outcomes prefills every word start's context on its own: the other test)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from profuser.lookahead import _layout, tree_note
+
+    def layout(arch, **kw):
+        return _layout(SimpleNamespace(config=AutoConfig.for_model(arch, **kw)))
+
+    assert layout("llama") == layout("qwen2") == layout("mistral", sliding_window=None) == _layout(None)
+    assert layout("mistral", sliding_window=64).window == 64 and layout("mistral", sliding_window=64).types is None
+    g = layout("gemma3_text", sliding_window=512)
+    assert (g.window, g.types, g.reason) == (512, ("full_attention", "sliding_attention"), None)
+    assert layout("llama4_text").reason.startswith("chunked attention")
+    assert layout("qwen3_next").reason == "layer types ['linear_attention']"
+
+    tok, model, enc = _side("chatml_bpe")
+    model.config.sliding_window = 6
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    assert tree_note(model) == " (sliding window 6, masked in the token tree)"
+    P = enc.prompt_len
+    reason = _Tree(model, list(enc.input_ids), P, [3, 5], "cpu").reason
+    assert reason.startswith("the model does not take the token tree's mask"), reason
+    kw = dict(k=6, branch=3, beam=8, steps=3, min_prob=0.0)
+    with pytest.raises(ValueError, match="token tree's mask"):
+        _run(model, tok, enc, tree=True, **kw)

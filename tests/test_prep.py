@@ -206,6 +206,9 @@ def test_rerun_skips_and_a_config_change_invalidates_downstream(baseline, base_d
                  "align/inference", "build/"]:
         assert f"{part}: INVALIDATED" in out, part
     assert "generate.max_new_tokens: 16 -> 4" in out and "upstream generate/chatml_bpe changed" in out
+    for src in ("vicuna_spm", "gemma_unigram"):  # prep.lookahead is off: the sources it would help are named
+        assert f"teacher: {src}: word lookahead off (prep.lookahead.enabled is false); its tokenizer is not" in out
+    assert "chatml_bpe: word lookahead" not in out  # the target's own tokenizer
     assert not [line for line in out.splitlines() if "INVALIDATED" in line and "training" in line]  # MinCE rows
     assert _mtimes(run / "prep/teacher", "training/*/shard-*") == teacher_train
     assert _mtimes(run / "prep/normalize", "records/shard-*") == norm
@@ -235,6 +238,12 @@ def test_word_lookahead_through_the_teacher_and_align_stages(baseline, base_dict
     assert "chatml_bpe: word lookahead off (same tokenizer as the target)" in out
     assert "vicuna_spm: word lookahead on" in out and "gemma_unigram: word lookahead on" in out
     assert "teacher: gemma_unigram: word lookahead at " in out and "; word lookahead at " in out
+    # Mistral's sliding window is masked in the tree: every sequence is a token tree
+    assert "vicuna_spm: word lookahead on (sliding window 4096, masked in the token tree)\n" in out
+    assert "gemma_unigram: word lookahead on\n" in out and "prefilled every word start's context" not in out
+    cost = manifest(run, "teacher")["lookahead"]
+    assert cost.keys() == {"vicuna_spm", "gemma_unigram"}
+    assert all(c["tree_sequences"] == c["sequences"] > 0 for c in cost.values()), cost
     for src in SOURCES:
         rows = part_table(run, "teacher", f"training/{src}").to_pylist()
         texts = [r["lookahead_texts"] for r in rows]

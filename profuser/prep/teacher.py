@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from profuser.constants import PREP_MODES
+from profuser.lookahead import COST_KEYS, tree_note
 from profuser.prep.formats import teacher_table
 from profuser.prep.stages import (Context, Progress, Stage, free_memory, model_deps, read_records, sidecar_info,
                                    upstream_hashes)
@@ -491,8 +492,6 @@ class TeacherStage(Stage):
     def _wants_lookahead(self, ctx: Context, chat_model) -> bool:
         """prep.lookahead runs for a source whose tokenizer is not the target's (the align stage copies or
         projects identical vocabularies as they are) and when both give offsets (MinED pairs 1:1 only)."""
-        if not ctx.cfg.prep.lookahead.enabled:
-            return False
         from profuser.align import same_tokenizer
         from profuser.models import has_offsets, load_chat_tokenizer
 
@@ -501,7 +500,14 @@ class TeacherStage(Stage):
         tgt, src = self._target_tok, chat_model.tokenizer
         why = ("same tokenizer as the target" if same_tokenizer(src, tgt) else
                None if has_offsets(src) and has_offsets(tgt) else "a tokenizer without offsets")
-        ctx.say(f"teacher: {chat_model.name}: word lookahead " + (f"off ({why})" if why else "on"))
+        if not ctx.cfg.prep.lookahead.enabled:
+            if why is None:  # it would run: say what it would give
+                ctx.say(f"teacher: {chat_model.name}: word lookahead off (prep.lookahead.enabled is false); its "
+                        "tokenizer is not the target's, so prep.lookahead.enabled=true would teach the target whole "
+                        "words where the rule maps first pieces (README, 'Whole words': its gain and its cost)")
+            return False
+        on = "on" + tree_note(chat_model.model)
+        ctx.say(f"teacher: {chat_model.name}: word lookahead " + (f"off ({why})" if why else on))
         return why is None
 
     def run(self, ctx: Context, todo: dict[str, list[int]]) -> None:
@@ -571,13 +577,15 @@ class TeacherStage(Stage):
             la = [stage_dir.sidecar(f"training/{m.name}", i).get("lookahead") for i in range(n)]
             la = [c for c in la if c]
             if la:
-                tot = {key: sum(c.get(key, 0) for c in la) for key in ("word_starts", "outcomes", "prefill_tokens",
-                                                                      "beam_tokens", "forwards", "seconds")}
+                tot = {key: sum(c.get(key, 0) for c in la) for key in COST_KEYS + ("seconds",)}
                 lookahead[m.name] = tot
                 ws = max(tot["word_starts"], 1)
+                slow = tot["sequences"] - tot["tree_sequences"]
                 ctx.say(f"teacher: {m.name}: word lookahead at {tot['word_starts']:,} word starts: "
                         f"{tot['outcomes'] / ws:.1f} outcomes, {tot['beam_tokens'] / ws:.1f} beam tokens and "
-                        f"{tot['prefill_tokens'] / ws:.1f} context tokens per word start ({tot['seconds']:.1f}s)")
+                        f"{tot['prefill_tokens'] / ws:.1f} context tokens per word start ({tot['seconds']:.1f}s)"
+                        + (f"; {slow:,} of {tot['sequences']:,} sequences prefilled every word start's context "
+                           "(no token tree on this model there: see the 'word lookahead on' line)" if slow else ""))
         for m in ctx.cfg.sources:
             ps = [speed.get(f"{mode}/{m.name}", {}) for mode in PREP_MODES]
             fwd, sec = sum(p.get("forward_tokens", 0) for p in ps), sum(p.get("seconds", 0) for p in ps)
