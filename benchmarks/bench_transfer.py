@@ -44,7 +44,11 @@ with --lookahead, against 6):
   conditioned on the student's tokens of the word so far. No rule, no vocabulary table, no top-k of
   the teacher's rows: what a perfect transfer of the teacher's next-word knowledge gives, the
   ceiling of any rule; the same oracle on the same-family teacher checks the oracle itself (its
-  rows should be close to that teacher's own rows, and teach as well);
+  rows should be close to that teacher's own rows, and teach as well). Printed twice: "ideal"
+  divides each word's first position by the teacher's mass on the corpus's outcomes (knowledge of
+  the corpus's word list no transfer has: it also removes the teacher's mass on non-words), and
+  "unnormalized" gives it as the teacher does, the rest in the loss's "other" bucket as the
+  project's rows keep it;
 - --lookahead: the rows of the prep path with prep.lookahead on: the cross-tokenizer teacher's
   word outcomes at each word start (profuser.lookahead.word_outcomes, as the teacher stage runs it:
   its top-k next tokens, each followed to the end of its word by a beam over its own continuations)
@@ -366,9 +370,14 @@ class WordOracle:
         lp = lp + torch.where(torch.tensor(ends), after[:, space].logsumexp(-1), torch.zeros_like(lp))
         return dict(zip(names, lp.tolist()))
 
-    def rows(self, model, key, tside: ChatSide, sside: ChatSide, sents: list[str], base: list[dict]) -> tuple[list[dict], dict]:
+    def rows(self, model, key, tside: ChatSide, sside: ChatSide, sents: list[str], base: list[dict],
+             renormalize: bool = True) -> tuple[list[dict], dict]:
         """Student rows whose positions inside words 2..n carry the oracle's distribution (the first
-        word and the end of turn keep `base`'s rows)."""
+        word and the end of turn keep `base`'s rows). A word's first position gets the outcomes
+        divided by their total (renormalize: the teacher's mass on the corpus's words and the end made
+        1, which needs the corpus's word list) or as the teacher gives them (renormalize=False: the
+        rest is the loss's "other" bucket, as the project's rows keep it); later positions are
+        conditioned on the word's tokens so far either way."""
         out, done, total = [], 0, 0
         for s, row in zip(sents, base):
             ids = np.array(row["topk_ids"], copy=True)
@@ -412,7 +421,7 @@ class WordOracle:
                     cons = [(sq, lp) for sq, lp in seqs.values() if sq[:t] == pre]
                     if not cons:
                         continue
-                    z = np.logaddexp.reduce([lp for _, lp in cons])
+                    z = np.logaddexp.reduce([lp for _, lp in cons]) if t > 0 or renormalize else 0.0
                     by: dict[int, float] = {}
                     for sq, lp in cons:
                         if len(sq) > t:
@@ -492,7 +501,9 @@ def main(argv=None) -> None:
     p.add_argument("--ideal", action="store_true",
                    help="also distill each student from the WordOracle's rows: the cross-tokenizer teacher's own "
                         "next-word probabilities spelled in the student's tokens (no rule, no table): the ceiling of "
-                        "any transfer rule; and the same oracle on the same-family teacher, as a check of the oracle")
+                        "any transfer rule, with each word's first position renormalized over the corpus's words and "
+                        "without (ideal.unnormalized); and the same oracle on the same-family teacher, as a check of "
+                        "the oracle")
     p.add_argument("--lookahead", action="store_true",
                    help="also distill each student from the rows of the align stage with prep.lookahead on: the "
                         "cross-tokenizer teacher's top-k next tokens at each word start, each followed to the end of its "
@@ -632,6 +643,13 @@ def main(argv=None) -> None:
                 entry["ideal"] = {"bpb_cross_tokenizer_teacher": bpb_i, **info,
                                   "tv_to_same_tokenizer_teacher": round(row_distance(ideal, after_same), 4),
                                   "transfer_efficiency": round((bpb_a - bpb_i) / gain, 3) if gain > 0 else None}
+                # the same oracle without the corpus's word list: each word's first position as the
+                # teacher gives it, the rest in the "other" bucket
+                raw, _ = oracle.rows(tmodel(x, sx), (x, sx), sides[x], sy, student_sents, after_rows, renormalize=False)
+                bpb_r = student(y, raw, "other")
+                entry["ideal"]["unnormalized"] = {
+                    "bpb_cross_tokenizer_teacher": bpb_r, "tv_to_same_tokenizer_teacher": round(row_distance(raw, after_same), 4),
+                    "transfer_efficiency": round((bpb_a - bpb_r) / gain, 3) if gain > 0 else None}
                 if (y, sy_step, "ideal_same") not in b_cache:  # the oracle on the same-family teacher itself
                     own, _ = oracle.rows(tmodel(y, sy_step), (y, sy_step), sy, sy, student_sents, after_same)
                     b_cache[(y, sy_step, "ideal_same")] = (student(y, own, "other"), round(row_distance(own, after_same), 4))
@@ -724,6 +742,14 @@ def over_seeds(args, argv: list[str]) -> None:
             c, o = np.mean([e["bpb_cross_tokenizer_teacher"] for e in per]), np.mean([e["same_teacher"]["bpb"] for e in per])
             entry["ideal"] = {"transfer_efficiency": round(float((a - c) / (a - b)), 3) if a > b else None,
                               "per_seed": [e["transfer_efficiency"] for e in per],
+                              **({"unnormalized": {
+                                  "transfer_efficiency": round(float((a - np.mean([e["unnormalized"]["bpb_cross_tokenizer_teacher"]
+                                                                                   for e in per])) / (a - b)), 3)
+                                  if a > b else None,
+                                  "per_seed": [e["unnormalized"]["transfer_efficiency"] for e in per],
+                                  "tv_to_same_tokenizer_teacher": round(float(np.mean(
+                                      [e["unnormalized"]["tv_to_same_tokenizer_teacher"] for e in per])), 4)}}
+                                 if all("unnormalized" in e for e in per) else {}),
                               "tv_to_same_tokenizer_teacher": round(float(np.mean([e["tv_to_same_tokenizer_teacher"]
                                                                                    for e in per])), 4),
                               "same_teacher_efficiency": round(float((a - o) / (a - b)), 3) if a > b else None,

@@ -216,10 +216,11 @@ class GenerateConfig(Section):
 
 class LookaheadConfig(Section):
     enabled: bool = Field(
-        False, description="Teacher stage: at every response word start, follow the teacher's top-k next tokens to the "
-        "end of their word (a beam over its own continuations) and store the word outcomes; the align stage spells "
+        False, description="Teacher stage: at every response word start (and punctuation right after a word), follow "
+        "the teacher's top-k next tokens to the end of their word (a beam over its own continuations) and store the "
+        "word outcomes; the align stage spells "
         "them with the target tokenizer and teaches the target's tokens of each word from them (docs/ARCHITECTURE.md, "
-        "'Word lookahead'). For sources whose tokenizer differs from the target's; costs 12-14x the teacher "
+        "'Word lookahead'). For sources whose tokenizer differs from the target's; costs about 14x the teacher "
         "stage's own forward on CPU (README, bench_lookahead)."
     )
     branch: int = Field(4, description="Word pieces a path is extended by per step.", ge=1)

@@ -8,8 +8,9 @@ each one to a target token by its surface, so a Unigram source's `▁` (the star
 gives all its mass to the target's bare space. Following every candidate to the end of its word
 turns the row into a distribution over word texts, which any target tokenizer can spell.
 
-Teacher side (`word_outcomes`, torch): at each response word start r (a source token whose surface
-starts with whitespace, inside the response text), the teacher's top-k next tokens after the
+Teacher side (`word_outcomes`, torch): at each response word start r (`word_starts`: a source token
+of the response text whose surface starts with whitespace, or punctuation right after another
+token of the text, whose row offers the next words as well), the teacher's top-k next tokens after the
 context (prompt + response tokens before r) are followed to the end of their word by a beam over
 the teacher's own continuations. A word-start candidate (whitespace, then word characters or
 nothing) starts a path; each step, every live path is extended by at most `branch` word pieces
@@ -124,12 +125,20 @@ def word_classes(tokenizer) -> WordClasses:
 
 
 def word_starts(token_ids, in_text, classes: WordClasses) -> np.ndarray:
-    """Response rows r whose observed token starts with whitespace and encodes response text."""
+    """Response rows r where the teacher's next word may start, among those whose observed token
+    encodes response text: the observed token starts with whitespace, or it follows another token of
+    the text and is punctuation (a text surface whose first character is no word character: the
+    "." after "sings", where the teacher's alternatives are the next words)."""
     ids = np.asarray(token_ids, dtype=np.int64)
     ok = (ids >= 0) & (ids < len(classes.start))
+    text = np.asarray(in_text, dtype=bool)
     start = np.zeros(len(ids), dtype=bool)
     start[ok] = classes.start[ids[ok]]
-    return np.flatnonzero(start & np.asarray(in_text, dtype=bool))
+    punct = np.zeros(len(ids), dtype=bool)
+    punct[ok] = classes.ender[ids[ok]] & np.array([classes.text[i] is not None for i in ids[ok]], dtype=bool)
+    punct[0:1] = False
+    punct[1:] &= text[:-1]
+    return np.flatnonzero((start | punct) & text)
 
 
 def observed_end(token_ids, r: int, classes: WordClasses) -> int:

@@ -121,6 +121,32 @@ def test_outcomes_are_the_teachers_own_path_probabilities(family, change):
             assert "".join(classes.text[t] for t in resp[r:last + 1]) in mine
 
 
+@pytest.mark.parametrize("family", ["chatml_bpe", "vicuna_spm", "gemma_unigram"])
+def test_word_starts_are_where_a_next_word_may_start(family):
+    """A row is a word start when its observed token starts with whitespace, or is punctuation right
+    after another token of the text (the "." after "mat": the teacher's alternatives there are next
+    words); never a word piece, a byte piece, a template token, or punctuation opening the text."""
+    tok, _, enc = _side(family)
+    classes = word_classes(tok)
+    P = enc.prompt_len
+    resp = list(enc.input_ids[P:])
+    in_text = enc.text_tokens(TEXT, tok.all_special_ids)
+    got = set(word_starts(resp, in_text, classes).tolist())
+    surf = [classes.text[t] for t in resp]
+    for r, (t, s) in enumerate(zip(resp, surf)):
+        want = bool(in_text[r]) and s is not None and (s[0].isspace() or (r > 0 and bool(in_text[r - 1])
+                                                                          and not s[0].isalnum()))
+        assert (r in got) == want, (r, s)
+    dots = [r for r, s in enumerate(surf) if s == "." and in_text[r]]
+    assert dots and set(dots) <= got  # every fixture spells both periods of TEXT as their own token
+    # the same rows with punctuation opening the text, and with the text's first token a byte piece
+    first = next(r for r in range(len(resp)) if in_text[r])
+    dot = tok.convert_tokens_to_ids(".")
+    assert first not in set(word_starts([dot] * len(resp), in_text, classes).tolist())
+    byte = next(i for i, x in enumerate(classes.text) if x is None and not classes.ender[i])
+    assert not set(word_starts([byte] * len(resp), in_text, classes).tolist())
+
+
 def test_a_wider_beam_only_adds_mass_and_a_floor_only_removes_outcomes():
     tok, model, enc = _side("gemma_unigram", 4)
     kw = dict(k=6, branch=3, steps=3)
@@ -188,7 +214,7 @@ def test_speller_spells_between_two_words_or_refuses():
                                      ("vicuna_spm", "gemma_unigram")])
 def test_align_sample_replaces_the_rule_only_inside_tiled_words(src, tgt):
     """align_sample with outcomes: the rule's rows stay wherever no word was taught; every taught
-    position lies inside an observed word the target tiles, and holds word_rows' entries over the
+    position lies inside an observed word (or punctuation after one) the target tiles, and holds word_rows' entries over the
     outcomes spelled by the target (at most probability 1)."""
     from types import SimpleNamespace
 
@@ -218,10 +244,12 @@ def test_align_sample_replaces_the_rule_only_inside_tiled_words(src, tgt):
     assert 0 < len(changed) <= got["n_lookahead"]
     te = encode_chat(ttok, t_cm.template, PROMPT, TEXT)
     c = te.text.find(TEXT, te.boundary)
-    # the target positions that lie inside a word of the response (between a space and the next non-word character)
+    # the target positions that lie inside a word of the response (between a space and the next non-word
+    # character) or are punctuation after one (the "." after "mat")
     starts = [a - c for a, _ in te.offsets]
     inside_word = [0 <= a < len(TEXT) and (TEXT[a].isalnum() or (TEXT[a] == " " and a + 1 < len(TEXT)
-                                                                and TEXT[a + 1].isalnum())) for a in starts]
+                                                                and TEXT[a + 1].isalnum())
+                                          or (a > 0 and not TEXT[a].isspace())) for a in starts]
     assert all(inside_word[j] for j in changed), [te.offsets[j] for j in changed if not inside_word[j]]
     for j in changed:
         p = np.exp(got["topk_logprobs"][j].astype(np.float64))
