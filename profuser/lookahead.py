@@ -10,9 +10,9 @@ turns the row into a distribution over word texts, which any target tokenizer ca
 
 Teacher side (`word_outcomes`, torch): at each response word start r (`word_starts`: a source token
 of the response text whose surface starts with whitespace, or punctuation right after another
-token of the text, whose row offers the next words as well), the teacher's top-k next tokens after the
-context (prompt + response tokens before r) are followed to the end of their word by a beam over
-the teacher's own continuations. A word-start candidate (whitespace, then word characters or
+token of the text, whose row offers the next words as well), the teacher's top-k next tokens
+after the context (prompt + response tokens before r) are followed to the end of their word by a
+beam over the teacher's own continuations. A word-start candidate (whitespace, then word characters or
 nothing) starts a path; each step, every live path is extended by at most `branch` word pieces
 (tokens whose surface is word characters only, `str.isalnum`), `beam` paths are kept per word
 start, at most `steps` steps, and no path below `min_prob`. A path whose text holds a word character

@@ -214,8 +214,8 @@ def test_speller_spells_between_two_words_or_refuses():
                                      ("vicuna_spm", "gemma_unigram")])
 def test_align_sample_replaces_the_rule_only_inside_tiled_words(src, tgt):
     """align_sample with outcomes: the rule's rows stay wherever no word was taught; every taught
-    position lies inside an observed word (or punctuation after one) the target tiles, and holds word_rows' entries over the
-    outcomes spelled by the target (at most probability 1)."""
+    position lies inside an observed word (or punctuation after one) the target tiles, and holds
+    word_rows' entries over the outcomes spelled by the target (at most probability 1)."""
     from types import SimpleNamespace
 
     from profuser.chat import end_of_turn_id

@@ -14,8 +14,8 @@ token, end of turn included: the paper's rule) and `text_nll`/`text_bytes` (NLL 
 that encode the response text, and its UTF-8 bytes: bits per byte, comparable across tokenizers),
 and `token_logprobs`, the log-prob of every response token (the chain rule of profuser.transfer).
 With `prep.lookahead.enabled`, a source whose tokenizer is not the target's also gets its word
-outcomes at every response word start (profuser.lookahead.word_starts and word_outcomes: `lookahead_rows`,
-`lookahead_texts`, `lookahead_logprobs`; null otherwise).
+outcomes at every response word start (profuser.lookahead.word_starts and word_outcomes:
+`lookahead_rows`, `lookahead_texts`, `lookahead_logprobs`; null otherwise).
 
 How it runs at the hardware's speed:
 - The sequences of a shard (both modes) are sorted by length and grouped by a token budget
