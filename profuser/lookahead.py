@@ -69,6 +69,7 @@ class WordClasses:
     path: np.ndarray  # bool [V]: whitespace, then word characters or nothing: a word path starts here
     piece: np.ndarray  # bool [V]: word characters only: continues a word
     ender: np.ndarray  # bool [V]: ends a word before it (special, or its first character is no word character)
+    punct: np.ndarray  # bool [V]: a text surface whose first character is no word character (".", " the", "\n")
     _masks: dict = field(default_factory=dict, compare=False, repr=False)  # (n, device) -> (piece, ender) tensors
 
     def masks(self, n: int, device):
@@ -105,7 +106,7 @@ def word_classes(tokenizer) -> WordClasses:
         except UnicodeDecodeError:
             text.append(None)
     n = len(text)
-    start, path, piece, ender = (np.zeros(n, dtype=bool) for _ in range(4))
+    start, path, piece, ender, punct = (np.zeros(n, dtype=bool) for _ in range(5))
     for i, s in enumerate(text):
         if s is None:
             ender[i] = bool(surf.special[i])
@@ -115,8 +116,8 @@ def word_classes(tokenizer) -> WordClasses:
             rest = s.lstrip()
             path[i] = rest == "" or _word(rest)
         piece[i] = _word(s)
-        ender[i] = not s[0].isalnum()
-    out = WordClasses(text, start, path, piece, ender)
+        ender[i] = punct[i] = not s[0].isalnum()
+    out = WordClasses(text, start, path, piece, ender, punct)
     try:
         _CLASSES[tokenizer] = out
     except TypeError:
@@ -135,7 +136,7 @@ def word_starts(token_ids, in_text, classes: WordClasses) -> np.ndarray:
     start = np.zeros(len(ids), dtype=bool)
     start[ok] = classes.start[ids[ok]]
     punct = np.zeros(len(ids), dtype=bool)
-    punct[ok] = classes.ender[ids[ok]] & np.array([classes.text[i] is not None for i in ids[ok]], dtype=bool)
+    punct[ok] = classes.punct[ids[ok]]
     punct[0:1] = False
     punct[1:] &= text[:-1]
     return np.flatnonzero((start | punct) & text)
@@ -331,10 +332,10 @@ class _Tree:
     def _mask(self, lens: list, ancestors: list, fed: int, s: int, window: Optional[int]):
         import torch
 
-        n = len(lens)
-        L = torch.tensor(lens)[:, None]
-        j = torch.arange(self.T)[None, :]
-        ok = torch.zeros((n, self.T + fed + n), dtype=torch.bool)
+        n, dev = len(lens), self.device
+        L = torch.tensor(lens, device=dev)[:, None]
+        j = torch.arange(self.T, device=dev)[None, :]
+        ok = torch.zeros((n, self.T + fed + n), dtype=torch.bool, device=dev)
         ctx = j < L
         if window is not None:  # the query sits at position L + s - 1
             ctx &= j > L + s - 1 - window
@@ -345,10 +346,11 @@ class _Tree:
         cells = [c for row in keep for c in row]
         if cells:
             rows, cols = zip(*cells)
-            ok[list(rows), list(cols)] = True
-        ok[torch.arange(n), self.T + fed + torch.arange(n)] = True
-        out = torch.zeros(ok.shape, dtype=self.dtype).masked_fill_(~ok, torch.finfo(self.dtype).min)
-        return out[None, None].to(self.device)
+            ok[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = True
+        diag = torch.arange(n, device=dev)
+        ok[diag, self.T + fed + diag] = True
+        out = torch.zeros(ok.shape, dtype=self.dtype, device=dev).masked_fill_(~ok, torch.finfo(self.dtype).min)
+        return out[None, None]
 
     def mask(self, lens: list, ancestors: list, fed: int, s: int):
         """The additive attention mask ([1, 1, paths, T + fed + paths]; {layer type: mask} for a model

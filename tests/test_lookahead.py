@@ -145,6 +145,9 @@ def test_word_starts_are_where_a_next_word_may_start(family):
     assert first not in set(word_starts([dot] * len(resp), in_text, classes).tolist())
     byte = next(i for i, x in enumerate(classes.text) if x is None and not classes.ender[i])
     assert not set(word_starts([byte] * len(resp), in_text, classes).tolist())
+    # a special token ends a word but starts none, even where a caller counts it as text
+    eos = tok.eos_token_id
+    assert classes.ender[eos] and not word_starts([dot, eos, eos], [True] * 3, classes).size
 
 
 def test_a_wider_beam_only_adds_mass_and_a_floor_only_removes_outcomes():
