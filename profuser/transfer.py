@@ -20,7 +20,8 @@ its template bytes being given, and no alternatives, see step 2):
 3. The target's own boundary. When the target token before t_j ends at a, a continuation that
    token would have swallowed (its text followed by the candidate's starts a longer target token)
    cannot follow it: such candidates of 2 are dropped, and the position's entries are divided by
-   the probability that is left (1 minus the dropped mass).
+   the probability that is left (1 minus the dropped mass). Special candidates (the end of turn)
+   are no text and are never dropped here.
 4. The observed path. The target label t_j gets the probability of its own text along the tokens
    the source actually used (chain rule): p(s_i)/Z, times p(s_m) for every source token lying
    wholly inside [d, b), times — when the last covered source token s_l runs past b — the
@@ -78,10 +79,16 @@ class Transfer:
     one_to_one: np.ndarray  # bool [m]: the span equals one source token's span (the old, 1:1 rule)
 
 
-def prefix_match(surf: Surfaces, cand: np.ndarray, text: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """bool [Q]: surface of cand[q] starts with text[start[q] : start[q] + length[q]] (lengths >= 0)."""
+def prefix_match(surf: Surfaces, cand: np.ndarray, text: np.ndarray, start: np.ndarray, length: np.ndarray,
+                 obs: Optional[np.ndarray] = None) -> np.ndarray:
+    """bool [Q]: surface of cand[q] starts with text[start[q] : start[q] + length[q]] (lengths >= 0).
+    With `obs` (the observed token per query), a special candidate other than obs[q] matches no text
+    of length > 0: its surface is its literal name (`<|im_end|>`), not text the teacher offers (the
+    end of turn after "<" is not "<" going on)."""
     ok = (cand >= 0) & (cand < len(surf.lengths))
     ok &= np.where(ok, surf.lengths[np.where(ok, cand, 0)], -1) >= length
+    if obs is not None:
+        ok &= ~(surf.special[np.where(ok, cand, 0)] & (cand != obs) & (length > 0))
     k = np.flatnonzero(ok & (length > 0))
     ok[k[surface_mismatch(surf, cand[k], text, start[k], length[k])]] = False
     return ok
@@ -284,7 +291,7 @@ def _project(src: ResponseTokens, tgt: ResponseTokens, r0: np.ndarray, r1: np.nd
     if cond.any():
         rr, cc = np.nonzero(cons & cond[:, None])
         start = src.base + s_st[hJ[rr]]
-        cons[rr, cc] = prefix_match(surf, cand[rr, cc], tb, start, dJ[rr])
+        cons[rr, cc] = prefix_match(surf, cand[rr, cc], tb, start, dJ[rr], obs[hJ[rr]])
     logZ = np.logaddexp(_logsumexp_rows(clp, cons), np.where(in_row, -np.inf, obs_lp[hJ]))
     logZ = np.where(cond, logZ, 0.0)
     # what the head row offers this position (the normalizer of the kept share)
@@ -323,7 +330,9 @@ def _project(src: ResponseTokens, tgt: ResponseTokens, r0: np.ndarray, r1: np.nd
         # a query can only find a longer target token if the trie goes on from the previous token's
         # text by the candidate's first byte; most do not, and are left out (the same for step 6)
         at_prev = _trie_state(trie, tgt.ids[pjs], tgt.ends[pjs] - tgt.starts[pjs])[0]
-        r3, c3 = np.nonzero((tgt_id >= 0) & prev_ok[:, None])
+        # (text candidates only: a special token, the end of turn, is no text the previous token could
+        # swallow, whatever its literal surface; '.' + '<|im_end|>' would find Gemma-3's '.<')
+        r3, c3 = np.nonzero((tgt_id >= 0) & prev_ok[:, None] & ~surf.special[safe])
         keep = trie_extends(trie, at_prev[r3], surf, cand[r3, c3], dJ[r3])
         r3, c3 = r3[keep], c3[keep]
         w3 = tgt.ends[pjs[r3]] - tgt.starts[pjs[r3]]
@@ -385,7 +394,7 @@ def _project(src: ResponseTokens, tgt: ResponseTokens, r0: np.ndarray, r1: np.nd
         L = b[J[P]] - s_st[lJ[P]]
         rr, cc = np.nonzero(tc >= 0)
         match = np.zeros(tc.shape, dtype=bool)
-        match[rr, cc] = prefix_match(surf, tc[rr, cc], tb, src.base + s_st[lJ[P]][rr], L[rr])
+        match[rr, cc] = prefix_match(surf, tc[rr, cc], tb, src.base + s_st[lJ[P]][rr], L[rr], obs[lJ[P]][rr])
         obs_in = (tc == obs[lJ[P]][:, None]).any(axis=1)
         tail[P] = np.logaddexp(_logsumexp_rows(top_lp[lJ[P]], match), np.where(obs_in, -np.inf, obs_lp[lJ[P]]))
     label_lp = obs_lp[hJ] - logZ + inner + tail

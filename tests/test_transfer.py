@@ -110,7 +110,8 @@ def reference(src, tgt, n_resp, s, first, by_byte, top, lps, obs_lp, k, eot=None
     def conditioned(i, consumed):
         """Row i's candidates whose surface starts with `consumed`, and their normalizer."""
         row = row_of(i)
-        cons = [(c, v) for c, v in row if c < V and s.surfaces[c].startswith(consumed)]
+        cons = [(c, v) for c, v in row if c < V and s.surfaces[c].startswith(consumed)
+                and (c == src.ids[i] or not s.special[c])]
         obs_in = any(c == src.ids[i] for c, _ in row)
         return cons, sum(P(v) for _, v in cons) + (0.0 if obs_in else P(obs_lp[i]))
 
@@ -156,7 +157,7 @@ def reference(src, tgt, n_resp, s, first, by_byte, top, lps, obs_lp, k, eot=None
             lost, keep = 0.0, []
             for c, skip, tid, p in head:
                 g, L = longest_target(t_index, before + s.surfaces[c][skip:], exact)
-                if g >= 0 and L > len(before):
+                if g >= 0 and L > len(before) and not s.special[c]:
                     lost += p
                 else:
                     keep.append((c, skip, tid, p))
@@ -174,7 +175,8 @@ def reference(src, tgt, n_resp, s, first, by_byte, top, lps, obs_lp, k, eot=None
             if tail_partial:
                 need = text[src.base + src.starts[last]: src.base + b]
                 tail_row = row_of(last)
-                mass = sum(P(v) for c, v in tail_row if c < V and s.surfaces[c].startswith(need))
+                mass = sum(P(v) for c, v in tail_row if c < V and s.surfaces[c].startswith(need)
+                           and (c == src.ids[last] or not s.special[c]))
                 if not any(c == src.ids[last] for c, _ in tail_row):
                     mass += P(obs_lp[last])
                 label *= mass
@@ -434,14 +436,17 @@ def test_a_target_token_starting_in_the_template_is_taught_from_the_response_on(
     assert src.ends[n_in - 1] == tgt.ends[0] and src.starts[0] == 0
     np.testing.assert_allclose(float(got.logprobs[0][0]), float(np.sum(obs[:n_in])), rtol=1e-3, atol=1e-3)
 
-def _hand(toks, text: bytes, src_pieces, tgt_pieces, rows, obs):
-    """project() on hand-made spans: gemma_unigram source, chatml_bpe target (with its trie); rows are
-    {surface: probability} per source token. Returns {surface: probability} per target position."""
+def _hand(toks, text: bytes, src_pieces, tgt_pieces, rows, obs, tgt_tok=None, special_pairs=None, src_tok=None):
+    """project() on hand-made spans: gemma_unigram source (or `src_tok`), chatml_bpe target (or
+    `tgt_tok`; with its trie); rows are {surface: probability} per source token (a special token by
+    its literal surface, where no regular token has it). Returns {surface: probability} per target
+    position."""
     from profuser.align import ResponseTokens
 
-    src_tok, tgt_tok = toks["gemma_unigram"], toks["chatml_bpe"]
+    src_tok, tgt_tok = src_tok or toks["gemma_unigram"], tgt_tok or toks["chatml_bpe"]
     s, t = surfaces(src_tok), surfaces(tgt_tok)
-    sid = {u: i for i, u in enumerate(s.surfaces) if u and not s.special[i]}
+    sid = {u: i for i, u in enumerate(s.surfaces) if u and s.special[i]}
+    sid.update({u: i for i, u in enumerate(s.surfaces) if u and not s.special[i]})
     tid = _target_index(t)
     tb = np.frombuffer(text, dtype=np.uint8)
 
@@ -456,7 +461,7 @@ def _hand(toks, text: bytes, src_pieces, tgt_pieces, rows, obs):
     for r, row in enumerate(rows):
         for c, (u, p) in enumerate(row.items()):
             top[r, c], lps[r, c] = sid[u], math.log(p)
-    first, by_byte = pair_tables(src_tok, tgt_tok, "prefix")
+    first, by_byte = pair_tables(src_tok, tgt_tok, "prefix", special_pairs)
     got = project(src, tgt, len(text), s, first, by_byte, top, lps, np.log(obs), 6, trie=prefix_trie(tgt_tok))
     return [{t.surfaces[int(c)]: math.exp(v) for c, v in zip(got.ids[j], got.logprobs[j]) if c >= 0}
             for j in range(len(tgt_pieces))]
@@ -472,6 +477,57 @@ def test_boundaries_hand_example(toks):
                 [{b" ": 0.6, b" a": 0.4}, {b"lin": 0.5, b"s": 0.3, b"e": 0.2}], [0.6, 0.5])
     assert got[0] == {b" ": pytest.approx(0.6 * 0.7), b" s": pytest.approx(0.6 * 0.3), b" a": pytest.approx(0.4)}
     assert got[1] == {b"lin": pytest.approx(0.5 / 0.7), b"e": pytest.approx(0.2 / 0.7)}
+
+
+def _eot_bpe(corpus: list, vocab_size: int, use_regex: bool = True):
+    """A byte-level BPE trained on `corpus` (x 50) with `<|im_end|>` as its one special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus * 50, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>")
+
+
+def test_a_special_candidate_is_not_swallowed_by_the_previous_target_token(toks):
+    """Step 3 is about text: the end of turn offered after "." is not a continuation the target's "."
+    would swallow, even in a target that has a token spelling "." + its literal surface ('.<', as
+    Gemma-3 and SmolLM2 have). It keeps its probability (as the target's end of turn) and nothing is
+    renormalized: on SmolLM2 -> Gemma-3 the rule had turned a row where the teacher ends the turn
+    with 0.92 into ' They' 0.21, ' Their' 0.11, ..."""
+    from profuser.chat import BUILTIN_TEMPLATES, end_of_turn_id
+    from profuser.tiny import FAMILIES
+
+    tgt_tok = _eot_bpe(["a. s .<x .<y b.<z"], 280)
+    assert b".<" in set(surfaces(tgt_tok).surfaces)
+    src_eot = end_of_turn_id(toks["gemma_unigram"], BUILTIN_TEMPLATES[FAMILIES["gemma_unigram"][2]])
+    eot = surfaces(toks["gemma_unigram"]).surfaces[src_eot]
+    rows = [{b".": 1.0}, {b" ": 0.1, eot: 0.9}, {b"s": 1.0}]
+    got = _hand(toks, b". s", [b".", b" ", b"s"], [b".", b" ", b"s"], rows, [1.0, 0.1, 1.0], tgt_tok,
+                {src_eot: tgt_tok.convert_tokens_to_ids("<|im_end|>")})
+    assert got[1] == {b" ": pytest.approx(0.1), b"<|im_end|>": pytest.approx(0.9)}
+
+
+def test_a_special_candidate_is_no_text_to_condition_on(toks):
+    """Conditioning on a prefix of text (step 1) and the chance that a partly covered source token
+    starts with the target's tail (step 4) count the candidates whose surface starts with that text;
+    an end of turn whose literal name happens to start with it (`<|im_end|>` after "<") is not one."""
+    tok = _eot_bpe(["<a", "<b", "a<", "x"], 270, use_regex=False)
+    assert {b"<a", b"<b", b"a<", b"<", b"a", b"b", b"x"} <= set(surfaces(tok).surfaces)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    hand = dict(tgt_tok=tok, src_tok=tok, special_pairs={eot: eot})
+    row = {b"<b": 0.3, b"<|im_end|>": 0.6, b"x": 0.1}
+    # step 1: target `<` + `b` inside the source's `<b`; at `b` only `<b` is consistent with "<"
+    got = _hand(toks, b"<b", [b"<b"], [b"<", b"b"], [row], [0.3], **hand)
+    assert got[1] == {b"b": pytest.approx(1.0)}
+    assert got[0][b"<|im_end|>"] == pytest.approx(0.6)  # where nothing is consumed it is the end of turn
+    # step 4: target `a<` over `a` + the first byte of `<b`: p(a) x p(the next token starts with "<")
+    got = _hand(toks, b"a<b", [b"a", b"<b"], [b"a<", b"b"], [{b"a": 1.0}, row], [1.0, 0.3], **hand)
+    assert got[0][b"a<"] == pytest.approx(0.3)
 
 
 def test_later_rows_of_the_observed_path_hand_example(toks):

@@ -56,7 +56,8 @@ from profuser.data import Reject
 from profuser.prep.formats import ALIGN_SCHEMA, to_table, unnest
 from profuser.prep.stages import Context, Progress, Stage, model_deps, read_records, sidecar_info, upstream_hashes
 
-ALIGN_VERSION = 5  # bump when the alignment rules change (invalidates align and build; 5: word lookahead)
+ALIGN_VERSION = 6  # bump when the alignment rules change (invalidates align and build; 5: word lookahead;
+# 6: a special candidate is no text to the rule: steps 1, 3 and 4 of profuser.transfer)
 # target tokens per project_many call: the rule's throughput on AlpacaEval answers (README,
 # bench_align's call-size sweep, 400 answers) rises 1.56-1.67x from one call per text to 4k-16k tokens
 # and falls again at 64k (cache misses); its peak memory at 16k is 45-103 MB
