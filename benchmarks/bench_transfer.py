@@ -220,7 +220,8 @@ def teacher_rows(teacher, side: ChatSide, sents: list[str], lookahead: Optional[
                "topk_ids": o.topk_ids, "topk_logprobs": o.topk_logprobs, "lookahead": None}
         if lookahead is not None:
             starts = word_starts(e.input_ids[e.prompt_len:], e.text_tokens(s), classes)
-            oc = word_outcomes(teacher, list(e.input_ids), e.prompt_len, starts, classes, K, **lookahead, cost=cost)
+            oc = word_outcomes(teacher, list(e.input_ids), e.prompt_len, starts, classes, K, **lookahead, cost=cost,
+                               eot=side.eot)
             row["lookahead"] = (oc.rows, oc.texts, oc.logprobs)
         out.append(row)
     return out

@@ -18,7 +18,8 @@ nothing) starts a path; each step, every live path is extended by at most `branc
 start, at most `steps` steps, and no path below `min_prob`. A path whose text holds a word character
 yields the outcome "its text" with its probability times the probability that the next token ends
 the word (a special token or one whose first character is not a word character). A candidate that
-starts no word path (".", " (", "\\n\\n" ...) is an outcome of its own surface. The observed word (the
+starts no word path (".", " (", "\\n\\n" ...) is an outcome of its own surface; the source's
+end-of-turn token (`eot`) is the outcome EOT_OUTCOME, "the turn ends here". The observed word (the
 tokens the source used) is always followed, beyond the beam's limits, so its outcome is exact.
 Mass outside the top-k, the beam, the steps or the floor is lost, never renormalized away.
 Compute (`_Tree`): every word start's context is a prefix of the sequence, so one forward of the
@@ -40,6 +41,9 @@ rest goes to the loss's "other" bucket), at t > 0 divided by the mass of the out
 with the prefix (conditioning, as the rule's step 1 does inside a source token). Every other
 position keeps the rule's row.
 
+The end-of-turn outcome is the target's end-of-turn token at t = 0 (the turn ends where the
+word would start) and consistent with no longer prefix.
+
 Approximations, stated: a target spells an outcome as it spells it between two words (the text
 after it is not known); the end of a word is "the next token is not a word piece", so a token that
 starts with a word character and goes on with others ("ing,") is lost mass; positions where the
@@ -55,6 +59,9 @@ from typing import Callable, Optional
 import numpy as np
 
 FRAME = ("Xx", " xx")  # the text a Speller spells an outcome between (a word before it, a word after it)
+OUTCOMES_VERSION = 2  # bump when word_outcomes gives other outcomes (prep re-runs the lookahead; 2: EOT_OUTCOME)
+EOT_OUTCOME = ""  # the outcome "the turn ends here": the source's end-of-turn token as a candidate (no text
+# outcome is empty); the align stage gives it to the target's end-of-turn token, as the rule does
 
 
 def _word(s: str) -> bool:
@@ -385,9 +392,10 @@ def _padded_prefill(model, seq: list, lens: list, pad_id: int, device):
 def word_outcomes(model, seq: list[int], prompt_len: int, starts, classes: WordClasses, k: int, branch: int = 4,
                   beam: int = 32, steps: int = 8, min_prob: float = 1e-3, pad_id: int = 0,
                   batch_tokens: int = 16384, trace: bool = False, cost: Optional[dict] = None,
-                  tree: Optional[bool] = None) -> Outcomes:
+                  tree: Optional[bool] = None, eot: Optional[int] = None) -> Outcomes:
     """The teacher's word outcomes at response rows `starts` of `seq` (prompt + response tokens) by
-    the beam in the module docstring.
+    the beam in the module docstring. `eot`: the source's end-of-turn token id (profuser.chat.
+    end_of_turn_id); as a candidate it is the outcome EOT_OUTCOME (None: its mass is lost).
 
     Compute: by default (`tree` None) one forward of the sequence shared by every word start, then
     the beam of up to batch_tokens // (beam x steps) word starts at a time as a token tree on its
@@ -409,14 +417,14 @@ def word_outcomes(model, seq: list[int], prompt_len: int, starts, classes: WordC
             switch = False
     try:
         return _word_outcomes(model, seq, prompt_len, starts, classes, k, branch, beam, steps, min_prob, pad_id,
-                              batch_tokens, trace, cost, tree)
+                              batch_tokens, trace, cost, tree, eot)
     finally:
         if switch and _attention(model) != attn:
             model.set_attn_implementation(attn)
 
 
 def _word_outcomes(model, seq, prompt_len, starts, classes, k, branch, beam, steps, min_prob, pad_id, batch_tokens,
-                   trace, cost, tree) -> Outcomes:
+                   trace, cost, tree, eot) -> Outcomes:
     import torch
 
     device = next(model.parameters()).device
@@ -481,6 +489,8 @@ def _word_outcomes(model, seq, prompt_len, starts, classes, k, branch, beam, ste
                         paths.append(_Path(w, [c], lp, w, c == obs))
                     elif c < V and classes.text[c] is not None:
                         add(w, classes.text[c], lp, [c])
+                    elif c == eot:
+                        add(w, EOT_OUTCOME, lp, [c])
             for step in range(steps):
                 if not paths:
                     break
@@ -607,14 +617,22 @@ def word_rows(observed: tuple, spelled: list[tuple[tuple, float]], k: int) -> li
 
 
 def apply_outcomes(src, tgt, ids: np.ndarray, logprobs: np.ndarray, kept: np.ndarray, covered: np.ndarray,
-                   rows, texts, outcome_logprobs, spell: Callable[[str], Optional[tuple]], classes: WordClasses) -> int:
+                   rows, texts, outcome_logprobs, spell: Callable[[str], Optional[tuple]], classes: WordClasses,
+                   eot: Optional[int] = None) -> int:
     """Replace the rule's rows (ids/logprobs [m, k], kept [m], covered [m], over the target response
     tokens `tgt`, in place) at the positions of every observed word that has outcomes and whose bytes
     the target's tokens tile exactly (src/tgt: profuser.align.ResponseTokens of the two renderings).
-    Returns the number of positions replaced."""
+    `eot`: the target token an EOT_OUTCOME is taught as (the target's end of turn, as the rule maps
+    the source's; None: that outcome's mass is lost). Returns the number of positions replaced."""
     from profuser.vocab_map import PAD_ID
 
     k = ids.shape[1]
+
+    def spelled_as(text: str) -> Optional[tuple]:
+        if text == EOT_OUTCOME:
+            return None if eot is None else (int(eot),)
+        return spell(text)
+
     by_row: dict[int, list[tuple[str, float]]] = {}
     for r, t, lp in zip(rows, texts, outcome_logprobs):
         by_row.setdefault(int(r), []).append((t, float(lp)))
@@ -630,7 +648,7 @@ def apply_outcomes(src, tgt, ids: np.ndarray, logprobs: np.ndarray, kept: np.nda
         if (len(J) == 0 or tgt.starts[J[0]] != lo or tgt.ends[J[-1]] != hi or not (np.diff(J) == 1).all()
                 or not tgt.exact[J].all()):
             continue
-        spelled = [(sq, lp) for sq, lp in ((spell(t), lp) for t, lp in outs) if sq]
+        spelled = [(sq, lp) for sq, lp in ((spelled_as(t), lp) for t, lp in outs) if sq]
         if not spelled:
             continue
         for j, got in zip(J, word_rows(tuple(int(x) for x in tgt.ids[J]), spelled, k)):

@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from profuser.chat import BUILTIN_TEMPLATES, encode_chat
-from profuser.lookahead import (Speller, _Tree, apply_outcomes, observed_end, word_classes, word_outcomes, word_rows,
-                                word_starts)
+from profuser.chat import BUILTIN_TEMPLATES, encode_chat, end_of_turn_id
+from profuser.lookahead import (EOT_OUTCOME, Speller, _Tree, apply_outcomes, observed_end, word_classes, word_outcomes,
+                                word_rows, word_starts)
 from profuser.tiny import FAMILIES, build_model, build_tokenizer
 
 PROMPT = [{"role": "user", "content": "A sentence?"}]
@@ -82,6 +82,8 @@ def test_outcomes_are_the_teachers_own_path_probabilities(family, change):
         assert _Tree(model, list(enc.input_ids), P, [3], "cpu").reason == \
             "attention 'profuser_test_attention' takes no 4-D mask"
     cost: dict = {}
+    eot = end_of_turn_id(tok, BUILTIN_TEMPLATES[FAMILIES[family][2]])
+    kw["eot"] = eot
     starts, oc = _run(model, tok, enc, trace=True, batch_tokens=10**6, cost=cost, **kw)
     assert len(starts) >= 8 and len(oc.texts) > 5 * len(starts)
     tree = cost["prefill_tokens"] == P + max(starts) and cost["forwards"] == 1 + 3
@@ -103,7 +105,10 @@ def test_outcomes_are_the_teachers_own_path_probabilities(family, change):
         scores = []
         for p in paths:
             toks = [t for t in p if t != "end"]
-            assert "".join(classes.text[t] for t in toks) == text
+            if text == EOT_OUTCOME:
+                assert toks == [eot]
+            else:
+                assert "".join(classes.text[t] for t in toks) == text
             with torch.no_grad():
                 logp = model(input_ids=torch.tensor([list(enc.input_ids[:P + r]) + toks])).logits[0].double()
             logp = logp.log_softmax(-1)
@@ -148,6 +153,66 @@ def test_word_starts_are_where_a_next_word_may_start(family):
     # a special token ends a word but starts none, even where a caller counts it as text
     eos = tok.eos_token_id
     assert classes.ender[eos] and not word_starts([dot, eos, eos], [True] * 3, classes).size
+
+
+@pytest.mark.parametrize("src,tgt", [("chatml_bpe", "gemma_unigram"), ("gemma_unigram", "vicuna_spm")])
+def test_the_end_of_turn_is_an_outcome_taught_as_the_targets(src, tgt):
+    """The source's end of turn among a word start's candidates is the outcome EOT_OUTCOME with the
+    teacher's own log-prob there (a plain forward's; through the teacher stage's own call), and the
+    align side teaches it as the target's end of turn at the word's first target position only,
+    with that probability; without `eot` on either side its mass is lost, as before."""
+    from types import SimpleNamespace
+
+    from profuser.align import response_tokens
+    from profuser.chat import split_response
+    from profuser.config import LookaheadConfig, PrepConfig
+    from profuser.prep.teacher import lookahead_outcomes
+
+    stok, model, enc = _side(src)
+    ttok = build_tokenizer(tgt)
+    s_tpl, t_tpl = BUILTIN_TEMPLATES[FAMILIES[src][2]], BUILTIN_TEMPLATES[FAMILIES[tgt][2]]
+    s_eot, t_eot = end_of_turn_id(stok, s_tpl), end_of_turn_id(ttok, t_tpl)
+    V = len(stok)
+    kw = dict(k=V, branch=2, beam=2, steps=2, min_prob=0.0)  # every candidate, the end of turn among them
+    starts, _ = _run(model, stok, enc, **kw)
+    # the teacher stage's own call (it finds the source's end of turn itself)
+    prep = PrepConfig(topk=V, lookahead=LookaheadConfig(branch=2, beam=2, steps=2, min_prob=0.0))
+    s_cm = SimpleNamespace(model=model, tokenizer=stok, template=s_tpl)
+    oc = lookahead_outcomes(s_cm, enc, enc.text_tokens(TEXT, stok.all_special_ids), prep)
+    _, lost = _run(model, stok, enc, **kw)
+    P = enc.prompt_len
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([list(enc.input_ids)])).logits[0].double().log_softmax(-1)
+    end = {r: lp for r, t, lp in zip(oc.rows, oc.texts, oc.logprobs) if t == EOT_OUTCOME}
+    assert set(end) == set(starts.tolist()) and EOT_OUTCOME not in lost.texts
+    for r, lp in end.items():
+        assert lp == pytest.approx(float(full[P + r - 1, s_eot]), abs=1e-4)
+    # the align side, on rows the rule left empty, k wide enough for every outcome
+    s_p, s_r = split_response(stok, s_tpl, PROMPT, TEXT)
+    t_p, t_r = split_response(ttok, t_tpl, PROMPT, TEXT)
+    sr, tr = response_tokens(stok, s_p + s_r, len(s_p), TEXT), response_tokens(ttok, t_p + t_r, len(t_p), TEXT)
+
+    def taught(outcomes, eot):
+        m = len(tr.ids)
+        ids, lps = np.full((m, V), -1, dtype=np.int64), np.full((m, V), -np.inf, dtype=np.float32)
+        kept, covered = np.zeros(m), np.zeros(m, dtype=bool)
+        apply_outcomes(sr, tr, ids, lps, kept, covered, outcomes.rows, outcomes.texts, outcomes.logprobs,
+                       Speller(ttok), word_classes(stok), eot)
+        return ids, lps, covered
+
+    ids, lps, covered = taught(oc, t_eot)
+    firsts = 0
+    for j in np.flatnonzero(covered):
+        at = np.flatnonzero(ids[j] == t_eot)
+        r = np.flatnonzero(sr.starts == tr.starts[j])
+        if len(r) and int(r[0]) in end:  # the first target position of a taught word
+            firsts += 1
+            assert len(at) == 1 and float(lps[j, at[0]]) == pytest.approx(end[int(r[0])], abs=1e-5)
+        else:  # further inside the word: consistent with no longer prefix
+            assert len(at) == 0
+    assert firsts >= 5
+    ids, _, covered = taught(oc, None)
+    assert covered.sum() >= firsts and not (ids == t_eot).any()
 
 
 def test_a_wider_beam_only_adds_mass_and_a_floor_only_removes_outcomes():

@@ -195,6 +195,10 @@ def project_rows(pair: Pair, pending: list[PendingRow]) -> list[dict]:
     for i, p in enumerate(pending):
         by_k.setdefault(p.projection.topk_ids.shape[1], []).append(i)
     src_tok = pair.chat_model.tokenizer
+    # the target token the source's end of turn maps to (the whole-token map holds the eot pair): an
+    # end-of-turn word outcome is taught as it
+    t_eot = (int(pair.first[pair.eot]) if pair.eot is not None and pair.first is not None
+             and 0 <= pair.eot < len(pair.first) and pair.first[pair.eot] >= 0 else None)
     for k, idx in by_k.items():
         # calls of about PROJECT_BATCH_TOKENS target tokens, so that the rule's [positions,
         # candidates] work arrays stay tens of MB whatever the shard size
@@ -210,7 +214,7 @@ def project_rows(pair: Pair, pending: list[PendingRow]) -> list[dict]:
                 if la is not None and len(la[0]):  # the word lookahead's rows replace the rule's where it fits
                     pr = pending[i].projection
                     n_la = apply_outcomes(pr.src, pr.tgt, tr.ids, tr.logprobs, tr.kept, covered, *la,
-                                          speller(pending[i].enc_tokenizer), word_classes(src_tok))
+                                          speller(pending[i].enc_tokenizer), word_classes(src_tok), t_eot)
                 out[i] = _full_row(pending[i].enc, tr.ids, tr.logprobs, covered, pending[i].in_text, tr.kept,
                                    tr.one_to_one, "project", k, n_la)
     return out

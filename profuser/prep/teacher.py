@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from profuser.constants import PREP_MODES
-from profuser.lookahead import COST_KEYS, tree_note
+from profuser.lookahead import COST_KEYS, OUTCOMES_VERSION, tree_note
 from profuser.prep.formats import teacher_table
 from profuser.prep.stages import (Context, Progress, Stage, free_memory, model_deps, read_records, sidecar_info,
                                    upstream_hashes)
@@ -291,6 +291,23 @@ def teacher_forward(model, seqs: list[list[int]], n_resp: list[int], k: int, chu
     return out
 
 
+def lookahead_outcomes(chat_model, enc, text, prep, cost: Optional[dict] = None, tree: Optional[bool] = None):
+    """The teacher stage's word lookahead on one rendering `enc` (profuser.chat.Encoded) of a
+    response: profuser.lookahead.word_outcomes at its word starts (`text`: the response tokens that
+    encode response text), with prep.topk, prep.lookahead's beam, prep.batch_tokens and the source's
+    end of turn (profuser.chat.end_of_turn_id, an outcome of its own). `cost`, `tree`: as
+    word_outcomes takes them."""
+    from profuser.chat import end_of_turn_id
+    from profuser.lookahead import word_classes, word_outcomes, word_starts
+
+    tok, la, P = chat_model.tokenizer, prep.lookahead, enc.prompt_len
+    classes = word_classes(tok)
+    starts = word_starts(enc.input_ids[P:], text, classes)
+    return word_outcomes(chat_model.model, list(enc.input_ids), P, starts, classes, prep.topk, la.branch, la.beam,
+                         la.steps, la.min_prob, tok.pad_token_id or 0, prep.batch_tokens, cost=cost, tree=tree,
+                         eot=end_of_turn_id(tok, chat_model.template))
+
+
 @dataclass
 class _Item:
     """One (record, response) of one mode, encoded for this source."""
@@ -324,7 +341,8 @@ class TeacherStage(Stage):
             common = {"model": model_deps(m), "max_length": m.max_length or cfg.data.max_length,
                       "overlength": cfg.data.overlength, "topk": cfg.prep.topk, "version": TEACHER_VERSION}
             if cfg.prep.lookahead.enabled:  # which sources need it depends on the target's tokenizer
-                common["lookahead"] = {**cfg.prep.lookahead.model_dump(), "target": model_deps(cfg.target)}
+                common["lookahead"] = {**cfg.prep.lookahead.model_dump(), "target": model_deps(cfg.target),
+                                       "version": OUTCOMES_VERSION}
             out[f"training/{m.name}"] = {"upstream": upstream_hashes(plan, "normalize"), **common}
             out[f"inference/{m.name}"] = {"upstream": upstream_hashes(plan, "normalize", "score"), **common}
         return out
@@ -411,10 +429,6 @@ class TeacherStage(Stage):
     def _lookahead(self, ctx: Context, chat_model, job: _ShardJob, bar: Progress) -> tuple[dict, dict]:
         """Word outcomes of every unique sequence of the shard ({sequence: Outcomes}) and their cost
         (the bar's postfix counts the sequences done: this is the long part of the shard)."""
-        from profuser.lookahead import word_classes, word_outcomes, word_starts
-
-        la, classes = ctx.cfg.prep.lookahead, word_classes(chat_model.tokenizer)
-        pad = chat_model.tokenizer.pad_token_id or 0
         out: dict = {}
         cost: dict = {}
         t0 = time.time()
@@ -425,10 +439,7 @@ class TeacherStage(Stage):
                 if u in out:
                     continue
                 bar.bar.set_postfix_str(f"shard {job.i}: word lookahead {len(out)}/{n} sequences", refresh=True)
-                P = it.enc.prompt_len
-                starts = word_starts(u[P:], it.text, classes)
-                out[u] = word_outcomes(chat_model.model, list(u), P, starts, classes, ctx.cfg.prep.topk, la.branch,
-                                       la.beam, la.steps, la.min_prob, pad, ctx.cfg.prep.batch_tokens, cost=cost)
+                out[u] = lookahead_outcomes(chat_model, it.enc, it.text, ctx.cfg.prep, cost)
         cost["seconds"] = round(time.time() - t0, 3)
         return out, cost
 
