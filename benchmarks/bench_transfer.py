@@ -50,8 +50,9 @@ with --lookahead, against 6):
   "unnormalized" gives it as the teacher does, the rest in the loss's "other" bucket as the
   project's rows keep it;
 - --lookahead: the rows of the prep path with prep.lookahead on: the cross-tokenizer teacher's
-  word outcomes at each word start (profuser.lookahead.word_outcomes, as the teacher stage runs it:
-  its top-k next tokens, each followed to the end of its word by a beam over its own continuations)
+  word outcomes at each word start (the teacher stage's own call, profuser.prep.teacher.
+  lookahead_outcomes: its top-k next tokens, each followed to the end of its word by a beam over its
+  own continuations, and its end of turn)
   applied by the align stage's own align_sample (outcomes spelled with the student's tokens,
   conditioned on its tokens of the word so far), with nothing of the corpus; and its cost per word
   start (outcomes, beam tokens, context tokens).
@@ -206,12 +207,17 @@ def teacher_rows(teacher, side: ChatSide, sents: list[str], lookahead: Optional[
                  cost: Optional[dict] = None) -> list[dict]:
     """The teacher stage's own forward (fp32 top-k + per-token log-probs) on each sentence; with
     `lookahead` (prep.lookahead's branch/beam/steps/min_prob), also the teacher stage's word outcomes
-    (profuser.lookahead.word_outcomes), their cost accumulated in `cost`."""
-    from profuser.lookahead import word_classes, word_outcomes, word_starts
-    from profuser.prep.teacher import teacher_forward
+    (its own call, profuser.prep.teacher.lookahead_outcomes, with prep.topk = K), their cost
+    accumulated in `cost`."""
+    from types import SimpleNamespace
+
+    from profuser.config import LookaheadConfig, PrepConfig
+    from profuser.prep.teacher import lookahead_outcomes, teacher_forward
 
     out = []
-    classes = word_classes(side.tokenizer)
+    if lookahead is not None:
+        prep = PrepConfig(topk=K, lookahead=LookaheadConfig(enabled=True, **lookahead))
+        chat_model = SimpleNamespace(model=teacher, tokenizer=side.tokenizer, template=side.template)
     for s in sents:
         e = side.encode(s)
         r = len(e.input_ids) - e.prompt_len
@@ -219,9 +225,7 @@ def teacher_rows(teacher, side: ChatSide, sents: list[str], lookahead: Optional[
         row = {"sentence": s, "token_ids": np.asarray(e.input_ids[e.prompt_len:]), "token_logprobs": -o.nll,
                "topk_ids": o.topk_ids, "topk_logprobs": o.topk_logprobs, "lookahead": None}
         if lookahead is not None:
-            starts = word_starts(e.input_ids[e.prompt_len:], e.text_tokens(s), classes)
-            oc = word_outcomes(teacher, list(e.input_ids), e.prompt_len, starts, classes, K, **lookahead, cost=cost,
-                               eot=side.eot)
+            oc = lookahead_outcomes(chat_model, e, e.text_tokens(s), prep, cost)
             row["lookahead"] = (oc.rows, oc.texts, oc.logprobs)
         out.append(row)
     return out
@@ -508,8 +512,8 @@ def main(argv=None) -> None:
     p.add_argument("--lookahead", action="store_true",
                    help="also distill each student from the rows of the align stage with prep.lookahead on: the "
                         "cross-tokenizer teacher's top-k next tokens at each word start, each followed to the end of its "
-                        "word by a beam over the teacher's own continuations (profuser.lookahead.word_outcomes, the "
-                        "teacher stage's code), spelled in the student's tokens by the align stage (apply_outcomes)")
+                        "word by a beam over the teacher's own continuations (profuser.prep.teacher.lookahead_outcomes, "
+                        "the teacher stage's code), spelled in the student's tokens by the align stage (apply_outcomes)")
     from profuser.config import LookaheadConfig
 
     dflt = LookaheadConfig()

@@ -90,3 +90,28 @@ def test_word_oracle_rows_are_conditionals_in_the_students_own_tokens(bench):
                 ok.add(student.tokenizer.convert_tokens_to_ids("."))
             assert set(ids) <= ok, (s, j, set(ids) - ok)
     assert seen > 10
+
+
+def test_lookahead_rows_are_the_prep_paths(bench):
+    """--lookahead: teacher_rows carries the teacher stage's own word outcomes (lookahead_outcomes,
+    the end of turn included) and distill_rows' align stage teaches target positions from them."""
+    from types import SimpleNamespace
+
+    from profuser.config import LookaheadConfig, PrepConfig
+    from profuser.prep.teacher import lookahead_outcomes
+
+    teacher, student = bench.ChatSide("gemma_unigram"), bench.ChatSide("chatml_bpe")
+    model = teacher.model(5).eval()
+    sents = ["Apples end add light.", "Test answer apples end."]
+    look = {"branch": 2, "beam": 4, "steps": 3, "min_prob": 1e-3}
+    cost: dict = {}
+    rows = bench.teacher_rows(model, teacher, sents, look, cost)
+    prep = PrepConfig(topk=bench.K, lookahead=LookaheadConfig(enabled=True, **look))
+    cm = SimpleNamespace(model=model, tokenizer=teacher.tokenizer, template=teacher.template)
+    for s, r in zip(sents, rows):
+        e = teacher.encode(s)
+        want = lookahead_outcomes(cm, e, e.text_tokens(s), prep)
+        assert r["lookahead"] == (want.rows, want.texts, want.logprobs) and len(want.texts) > 0
+    assert cost["word_starts"] == sum(len(set(r["lookahead"][0])) for r in rows)
+    _, info = bench.distill_rows(student, teacher, rows, "after")
+    assert info["lookahead_share"] > 0.3
