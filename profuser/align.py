@@ -284,6 +284,46 @@ def token_spans(tokenizer, text: str) -> TokenSpans:
     return spans_from_offsets(surfaces(tokenizer, int(ids.max(initial=-1))), text, ids, off[:, 0], off[:, 1])
 
 
+def token_spans_many(tokenizer, texts: list[str]) -> list[TokenSpans]:
+    """[token_spans(tokenizer, t) for t in texts], the same spans, from one batch encode and one
+    vectorized spans_from_offsets pass over the texts laid end to end (per text, a call costs about
+    0.3 ms of fixed numpy work, more than its tokenizing). That pass gives every text its own spans
+    where the text's tokens run from its first character to its last, the last token ending it: no
+    cluster, trimmed-offset repair or gap then reaches across a seam. A text that is empty or whose
+    tokens do not (a normalizer dropping an edge character, trailing whitespace left out) is given
+    token_spans on its own."""
+    texts = list(texts)
+    encs = _backend(tokenizer).encode_batch(texts, add_special_tokens=False) if texts else []
+    out: list = [None] * len(texts)
+    joined, ids, cs, ce, counts, seams, where = [], [], [], [], [], [], []
+    c_base = b_base = 0
+    for i, (t, e) in enumerate(zip(texts, encs)):
+        off = e.offsets
+        if not off or off[0][0] != 0 or off[-1][1] != len(t) or max(z for _, z in off) != len(t):
+            out[i] = token_spans(tokenizer, t)
+            continue
+        flat = np.fromiter(itertools.chain.from_iterable(off), dtype=np.int64, count=2 * len(off)).reshape(-1, 2)
+        joined.append(t)
+        ids.append(np.fromiter(e.ids, dtype=np.int64, count=len(e.ids)))
+        cs.append(flat[:, 0] + c_base)
+        ce.append(flat[:, 1] + c_base)
+        counts.append(len(off))
+        seams.append((c_base, b_base))
+        where.append(i)
+        c_base += len(t)
+        b_base += len(t.encode("utf-8", "surrogatepass"))
+    if where:
+        all_ids = np.concatenate(ids)
+        sp = spans_from_offsets(surfaces(tokenizer, int(all_ids.max(initial=-1))), "".join(joined), all_ids,
+                                np.concatenate(cs), np.concatenate(ce))
+        cut = np.cumsum(counts)[:-1]
+        parts = [np.split(a, cut) for a in (sp.ids, sp.starts, sp.ends, sp.exact, sp.char_starts, sp.char_ends)]
+        for n, (i, (c0, b0)) in enumerate(zip(where, seams)):
+            t_ids, st, en, ex, c_s, c_e = (p[n] for p in parts)
+            out[i] = TokenSpans(t_ids, st - b0, en - b0, ex, c_s - c0, c_e - c0)
+    return out
+
+
 def spans_from_offsets(surf: Surfaces, text: str, ids, char_starts, char_ends) -> TokenSpans:
     """Exact byte spans from a tokenizer's character offsets (vectorized over tokens)."""
     ids = np.asarray(ids, dtype=np.int64)

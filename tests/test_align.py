@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from profuser.align import (
     align_mined, align_response, align_spans, align_text, byte_decoder, dropped_characters, dtw_path,
-    edit_distance_matrix, same_tokenizer, surfaces, token_spans, token_surface,
+    edit_distance_matrix, same_tokenizer, surfaces, token_spans, token_spans_many, token_surface,
 )
 from profuser.chat import BUILTIN_TEMPLATES, encode_chat, end_of_turn_id, split_response
 from profuser.tiny import build_tokenizer
@@ -61,6 +61,42 @@ def test_spans_cover_text_and_exact_tokens_are_the_text(toks, text):
             assert surf[sp.ids[k]] == tb[sp.starts[k]:sp.ends[k]], name
         # Exact spans never overlap and come in text order.
         assert (sp.starts[ex][1:] >= sp.ends[ex][:-1]).all()
+
+
+@PROPS
+@given(batch=st.lists(texts, max_size=6))
+@example(batch=["Xx cat xx", "", " lead", "trail ", "e\u0301x", "Xx ﬁ xx", "😀"])
+def test_token_spans_many_is_token_spans_of_each_text(toks, batch):
+    """The batch pass gives every text exactly its own spans, whatever its neighbours (texts with
+    leading or trailing whitespace, normalizer rewrites and byte pieces at the seams included)."""
+    for tok in toks.values():
+        got = token_spans_many(tok, batch)
+        assert len(got) == len(batch)
+        for t, g in zip(batch, got):
+            w = token_spans(tok, t)
+            for f in ("ids", "starts", "ends", "exact", "char_starts", "char_ends"):
+                assert np.array_equal(getattr(g, f), getattr(w, f)), (t, f)
+
+
+def test_token_spans_many_keeps_a_repair_inside_its_text():
+    """A tokenizer that strips the text's edges and prepends `▁`: "lead" alone is `▁lead` over 4
+    bytes (not exact); laid after "ab " (whose trailing space no token covers), the trimmed-offset
+    repair would have taken that space for `▁lead`. The batch pass leaves such texts to token_spans."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.normalizer = normalizers.Strip()
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tk.train_from_iterator(["ab lead", "lead ab"] * 20, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    batch = ["ab ", "lead", " lead", "ab"]
+    for t, g in zip(batch, token_spans_many(tok, batch)):
+        w = token_spans(tok, t)
+        for f in ("ids", "starts", "ends", "exact", "char_starts", "char_ends"):
+            assert np.array_equal(getattr(g, f), getattr(w, f)), (t, f)
+    assert not token_spans_many(tok, batch)[1].exact[0] and token_spans_many(tok, batch)[2].exact[0]
 
 
 @PROPS

@@ -276,6 +276,12 @@ def test_speller_spells_between_two_words_or_refuses():
         vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     other = Speller(PreTrainedTokenizerFast(tokenizer_object=bpe))
     assert other("xcat") is None and other(" cat") is not None and other("cat") is not None
+    # prepare (the align stage's call: every outcome of a batch at once) spells each as one call does
+    for t in (tok, other.tokenizer):
+        batch = [" cat", "xcat", ".", " cat.", "", " xx", "\n\n", " café"]
+        many = Speller(t)
+        many.prepare(batch)
+        assert [many.cache[x] for x in batch] == [Speller(t)(x) for x in batch]
 
 
 @pytest.mark.parametrize("src,tgt", [("gemma_unigram", "chatml_bpe"), ("chatml_bpe", "gemma_unigram"),

@@ -187,7 +187,7 @@ def project_rows(pair: Pair, pending: list[PendingRow]) -> list[dict]:
     pass per batch instead of one per sample, README "Cross-tokenizer alignment"; the rows are the
     same as one project call each gives)."""
     from profuser.align import surfaces
-    from profuser.lookahead import apply_outcomes, speller, word_classes
+    from profuser.lookahead import EOT_OUTCOME, apply_outcomes, speller, word_classes
     from profuser.transfer import project_many
 
     out: list[Optional[dict]] = [None] * len(pending)
@@ -206,6 +206,12 @@ def project_rows(pair: Pair, pending: list[PendingRow]) -> list[dict]:
             call = [idx[j] for j in part]
             items = [pending[i].projection for i in call]
             need = max(int(max(it.src.ids.max(initial=-1), np.max(it.topk_ids, initial=-1))) for it in items)
+            outcomes: dict = {}  # the call's word outcomes, spelled at once per target tokenizer
+            for i in call:
+                if pending[i].lookahead is not None:
+                    outcomes.setdefault(pending[i].enc_tokenizer, []).extend(pending[i].lookahead[1])
+            for tok, texts in outcomes.items():
+                speller(tok).prepare(t for t in texts if t != EOT_OUTCOME)
             for i, tr in zip(call, project_many(items, surfaces(src_tok, need), pair.first, pair.by_byte, k,
                                                 trie=pair.trie, exact_only=pair.exact_walk)):
                 covered = (tr.ids >= 0).any(axis=1)
