@@ -567,8 +567,8 @@ class Speller:
 
     def prepare(self, texts) -> None:
         """Spell every text of `texts` not cached yet, all at once (profuser.align.token_spans_many:
-        one batch encode, one span pass; a text at a time costs about 0.4 ms, mostly fixed numpy
-        work)."""
+        one batch encode, one span pass: 0.16 s for 3,400 words on Gemma-3's tokenizer, where
+        token_spans one text at a time took 3.55 s)."""
         from profuser.align import token_spans_many
 
         todo = [t for t in dict.fromkeys(texts) if t not in self.cache]
