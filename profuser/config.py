@@ -220,13 +220,14 @@ class LookaheadConfig(Section):
         "the teacher's top-k next tokens to the end of their word (a beam over its own continuations) and store the "
         "word outcomes; the align stage spells "
         "them with the target tokenizer and teaches the target's tokens of each word from them (docs/ARCHITECTURE.md, "
-        "'Word lookahead'). For sources whose tokenizer differs from the target's; costs about 14x the teacher "
-        "stage's own forward on CPU (README, bench_lookahead)."
+        "'Word lookahead'). For sources whose tokenizer differs from the target's; costs 11-15x the teacher "
+        "stage's own forward on CPU, about 9x with min_prob 0.01 (README, bench_lookahead)."
     )
     branch: int = Field(4, description="Word pieces a path is extended by per step.", ge=1)
     beam: int = Field(32, description="Live paths kept per word start and step.", ge=1)
     steps: int = Field(8, description="Most word pieces followed after the word-start token.", ge=1)
-    min_prob: float = Field(1e-3, description="A path is not followed once its probability falls below this.",
+    min_prob: float = Field(1e-3, description="A path (a word-start candidate included, the observed word's "
+                            "excepted) is not followed once its probability is at most this; its mass is lost.",
                             ge=0.0, lt=1.0)
 
 

@@ -13,7 +13,7 @@ of the response text whose surface starts with whitespace, or punctuation right 
 token of the text, whose row offers the next words as well), the teacher's top-k next tokens
 after the context (prompt + response tokens before r) are followed to the end of their word by a
 beam over the teacher's own continuations. A word-start candidate (whitespace, then word characters or
-nothing) starts a path; each step, every live path is extended by at most `branch` word pieces
+nothing) above `min_prob` starts a path (the observed token always); each step, every live path is extended by at most `branch` word pieces
 (tokens whose surface is word characters only, `str.isalnum`), `beam` paths are kept per word
 start, at most `steps` steps, and no path below `min_prob`. A path whose text holds a word character
 yields the outcome "its text" with its probability times the probability that the next token ends
@@ -59,7 +59,8 @@ from typing import Callable, Optional
 import numpy as np
 
 FRAME = ("Xx", " xx")  # the text a Speller spells an outcome between (a word before it, a word after it)
-OUTCOMES_VERSION = 2  # bump when word_outcomes gives other outcomes (prep re-runs the lookahead; 2: EOT_OUTCOME)
+OUTCOMES_VERSION = 3  # bump when word_outcomes gives other outcomes (prep re-runs the lookahead; 2: EOT_OUTCOME;
+# 3: a word-start candidate below min_prob starts no path)
 EOT_OUTCOME = ""  # the outcome "the turn ends here": the source's end-of-turn token as a candidate (no text
 # outcome is empty); the align stage gives it to the target's end-of-turn token, as the rule does
 
@@ -486,7 +487,8 @@ def _word_outcomes(model, seq, prompt_len, starts, classes, k, branch, beam, ste
                     cands.setdefault(obs, float(first[w, obs]))
                 for c, lp in cands.items():
                     if c < V and classes.path[c]:
-                        paths.append(_Path(w, [c], lp, w, c == obs))
+                        if c == obs or lp > min_lp:  # a path below min_prob is not followed (its mass is lost)
+                            paths.append(_Path(w, [c], lp, w, c == obs))
                     elif c < V and classes.text[c] is not None:
                         add(w, classes.text[c], lp, [c])
                     elif c == eot:

@@ -227,6 +227,35 @@ def test_a_wider_beam_only_adds_mass_and_a_floor_only_removes_outcomes():
     assert set(f) < set(n) and all(v <= n[o] + 1e-5 for o, v in f.items())
 
 
+def test_the_floor_holds_at_the_word_start_too():
+    """A word-start candidate whose own probability is at most min_prob starts no path (the observed
+    word's excepted): no outcome of min_prob > 0 goes through one, while min_prob 0 (the same
+    candidates) has outcomes that do, so the floor is what removes them."""
+    tok, model, enc = _side("gemma_unigram", 4)
+    classes = word_classes(tok)
+    P, floor = enc.prompt_len, 0.02
+    resp = list(enc.input_ids[P:])
+    with torch.no_grad():
+        first = model(input_ids=torch.tensor([list(enc.input_ids)])).logits[0].double().log_softmax(-1)
+
+    def below(oc) -> int:  # outcomes through a non-observed word-start path candidate at most `floor`
+        n = 0
+        for r, paths in zip(oc.rows, oc.paths):
+            for p in paths:
+                c = p[0]
+                if c != resp[r] and classes.path[c] and math.exp(float(first[P + r - 1, c])) <= floor:
+                    n += 1
+        return n
+
+    kw = dict(k=8, branch=3, beam=8, steps=3, trace=True)
+    _, free = _run(model, tok, enc, min_prob=0.0, **kw)
+    _, floored = _run(model, tok, enc, min_prob=floor, **kw)
+    assert below(free) > 0 and below(floored) == 0
+    obs = {(r, "".join(classes.text[t] for t in p if t != "end")) for r, paths in zip(floored.rows, floored.paths)
+           for p in paths if p[0] == resp[r]}
+    assert {r for r, _ in obs} >= {r for r in set(floored.rows) if classes.path[resp[r]]}  # the observed word stays
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.lists(st.integers(0, 4), min_size=1, max_size=4).map(tuple),
                           st.floats(-8.0, 0.0)), min_size=1, max_size=8),
