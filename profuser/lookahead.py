@@ -268,18 +268,23 @@ class _Tree:
 
     One forward of the sequence up to its last word start gives every word start's first rows (the
     logits at the end of its context) and the context's cache (batch 1, every layer's keys kept in
-    full). A chunk of word starts then decodes its paths on that cache as one sequence: each step
-    feeds every live path's newest token at once (position: its word start's context length + its
-    depth), each seeing, through an explicit 4-D attention mask, the context up to its own word
-    start, the tokens of its own path fed before, and itself, nothing else (and, on a sliding layer,
-    nothing `window` or more positions back). The cache grows by the chunk's fed tokens and starts
-    again from the context for the next chunk. `reason` says why the model does not allow it (an
-    attention that takes no 4-D mask; chunked attention or other layer types; a cache it cannot
-    reuse), else is None."""
+    full). Where the model's vocabulary projection splits off its body (profuser.models.split_head,
+    as the teacher stage projects), the forward keeps the word starts' hidden states and a chunk's
+    rows are projected when it runs, so no [word starts, vocabulary] tensor is held (0.5 MB per word
+    start for a 262k vocabulary in bf16). A chunk of word starts then decodes its paths on that
+    cache as one sequence: each step feeds every live path's newest token at once (position: its
+    word start's context length + its depth), each seeing, through an explicit 4-D attention mask,
+    the context up to its own word start, the tokens of its own path fed before, and itself, nothing
+    else (and, on a sliding layer, nothing `window` or more positions back). The cache grows by the
+    chunk's fed tokens and starts again from the context for the next chunk. `reason` says why the
+    model does not allow it (an attention that takes no 4-D mask; chunked attention or other layer
+    types; a cache it cannot reuse), else is None."""
 
     def __init__(self, model, seq: list, prompt_len: int, starts: list, device):
         import torch
         from transformers import DynamicCache
+
+        from profuser.models import split_head
 
         self.T = prompt_len + max(starts)
         attn, self.layout = _attention(model), _layout(model)
@@ -290,14 +295,20 @@ class _Tree:
         if self.reason:
             return
         at = torch.tensor([prompt_len + r - 1 for r in starts], device=device)
-        logits, cache = _logits(model, at, input_ids=torch.tensor([seq[:self.T]], device=device),
-                                past_key_values=DynamicCache(), use_cache=True)  # no config: no layer drops keys
+        ids = torch.tensor([seq[:self.T]], device=device)
+        parts = split_head(model, seq)
+        if parts is not None:  # the body once; the word starts' rows projected per chunk (self.rows)
+            out = parts[0](input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+            self.hidden, self.project, cache = out.last_hidden_state[0, at], parts[1], out.past_key_values
+        else:  # the model's own forward: every word start's logits at once
+            logits, cache = _logits(model, at, input_ids=ids, past_key_values=DynamicCache(),
+                                    use_cache=True)  # no config: no layer drops keys
+            self.hidden, self.first = None, logits[0]
         layers = getattr(cache, "layers", None)
         if not layers or any(getattr(layer, "keys", None) is None or layer.keys.shape[-2] != self.T
                              for layer in layers):
             self.reason = f"a cache this code cannot reuse ({type(cache).__name__})"
             return
-        self.first = logits[0]
         self.kv = [(layer.keys, layer.values) for layer in layers]
         self.index = {r: i for i, r in enumerate(starts)}
         self.dtype = next(model.parameters()).dtype
@@ -315,7 +326,7 @@ class _Tree:
         shared forward's row there (the last word start's first row): None, else why not."""
         import torch
 
-        ref = self.first[self.index[max(self.index)]].float().log_softmax(-1)
+        ref = self.rows([max(self.index)])[0].float().log_softmax(-1)
         _, cache = self.chunk([])
         try:
             logits, _ = _logits(model, 1, input_ids=torch.tensor([[seq[self.T - 1]]], device=self.device),
@@ -330,12 +341,16 @@ class _Tree:
         return None if diff <= tol else (f"a token tree row differs from the model's own forward by {diff:.3g} "
                                          f"(more than {tol}) in log-probability")
 
+    def rows(self, chunk: list):
+        """The logits at the end of each word start's context in `chunk` ([len(chunk), V])."""
+        idx = [self.index[r] for r in chunk]
+        return self.first[idx] if self.hidden is None else self.project(self.hidden[idx])
+
     def chunk(self, chunk: list):
         """The chunk's first logits and a fresh cache holding the context."""
         from transformers import DynamicCache
 
-        return (self.first[[self.index[r] for r in chunk]],
-                DynamicCache(ddp_cache_data=[(k, v) for k, v in self.kv]))
+        return self.rows(chunk), DynamicCache(ddp_cache_data=[(k, v) for k, v in self.kv])
 
     def _mask(self, lens: list, ancestors: list, fed: int, s: int, window: Optional[int]):
         import torch

@@ -486,3 +486,67 @@ def smollm2_gguf() -> Optional[str]:
         for f in sorted(Path(d).glob("*.gguf")):
             return str(f)
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# the vocabulary projection apart from the model body (teacher stage, word lookahead)
+
+
+def _head_parts(model):
+    """(body, project) with project(body(ids, mask).last_hidden_state) == the model's logits, from the
+    HF conventions (base model + output embeddings, and the logit transforms some configs declare),
+    or None when the model does not follow them."""
+    import torch
+
+    body, head = getattr(model, "base_model", None), None
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        pass
+    if body is None or body is model or head is None:
+        return None
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
+    divide = getattr(cfg, "logits_scaling", None)  # Granite divides
+    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3 soft-cap
+
+    def project(h):
+        x = head(h)
+        if isinstance(scale, (int, float)) and scale != 1:
+            x = x * scale
+        if isinstance(divide, (int, float)) and divide != 1:
+            x = x / divide
+        if isinstance(cap, (int, float)) and cap:
+            x = torch.tanh(x / cap) * cap
+        return x
+
+    return body, project
+
+
+def split_head(model, probe: list[int]):
+    """The model's (body, project) if they reproduce its own logits on `probe` (checked once per
+    model and remembered), else None: the caller then uses the model's forward."""
+    import torch
+
+    cached = getattr(model, "_profuser_head", None)
+    if cached is not None:
+        return cached or None
+    parts = _head_parts(model)
+    ok = False
+    if parts is not None:
+        device = next(model.parameters()).device
+        ids = torch.tensor([probe[:16]], device=device)
+        try:
+            with torch.no_grad():
+                ref = model(input_ids=ids, use_cache=False).logits[0].float()
+                got = parts[1](parts[0](input_ids=ids, use_cache=False).last_hidden_state[0]).float()
+            tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
+            ok = got.shape == ref.shape and bool(((got - ref).abs() <= tol * (1 + ref.abs())).all())
+        except Exception as e:  # noqa: BLE001 — an architecture whose body cannot be called alone
+            log.info("teacher: %s: body/head split unavailable (%s: %s)", type(model).__name__, type(e).__name__, e)
+    if not ok:
+        log.warning("teacher: %s: cannot project hidden states onto the vocabulary per chunk (the head does not "
+                    "reproduce the model's logits); using the model's forward, whose logits are [positions, "
+                    "vocabulary] per batch", type(model).__name__)
+    model._profuser_head = parts if ok else False
+    return parts if ok else None

@@ -227,6 +227,34 @@ def test_a_wider_beam_only_adds_mass_and_a_floor_only_removes_outcomes():
     assert set(f) < set(n) and all(v <= n[o] + 1e-5 for o, v in f.items())
 
 
+@pytest.mark.parametrize("family", ["chatml_bpe", "gemma_unigram"])
+def test_the_tree_projects_the_word_starts_rows_per_chunk(family):
+    """Where the head splits off the body (profuser.models.split_head), the shared forward keeps the
+    word starts' hidden states ([word starts, hidden]), not their logits ([word starts, vocabulary]),
+    and projects a chunk's rows when it runs; the outcomes are those of the model's own forward (the
+    head not split), over several chunks."""
+    tok, model, enc = _side(family)
+    P = enc.prompt_len
+    starts = [int(r) for r in word_starts(enc.input_ids[P:], enc.text_tokens(TEXT, tok.all_special_ids),
+                                          word_classes(tok))]
+    kw = dict(k=6, branch=3, beam=8, steps=3, min_prob=0.0, batch_tokens=3 * 8 * 3)  # 3 word starts a chunk
+
+    def tree():
+        with torch.inference_mode():
+            return _Tree(model, list(enc.input_ids), P, starts, "cpu")
+
+    split = tree()
+    assert split.reason is None and tuple(split.hidden.shape) == (len(starts), model.config.hidden_size)
+    assert not hasattr(split, "first")
+    _, by_chunk = _run(model, tok, enc, **kw)
+    model._profuser_head = False  # the model's own forward, every word start's logits at once
+    whole = tree()
+    assert whole.reason is None and whole.hidden is None and tuple(whole.first.shape) == (len(starts), len(tok))
+    _, at_once = _run(model, tok, enc, **kw)
+    a, b = (dict(zip(zip(x.rows, x.texts), x.logprobs)) for x in (by_chunk, at_once))
+    assert len(starts) > 9 and a.keys() == b.keys() and all(abs(a[o] - b[o]) < 1e-5 for o in a)
+
+
 def test_the_floor_holds_at_the_word_start_too():
     """A word-start candidate whose own probability is at most min_prob starts no path (the observed
     word's excepted): no outcome of min_prob > 0 goes through one, while min_prob 0 (the same
