@@ -9,27 +9,28 @@ gives all its mass to the target's bare space. Following every candidate to the 
 turns the row into a distribution over word texts, which any target tokenizer can spell.
 
 Teacher side (`word_outcomes`, torch): at each response word start r (`word_starts`: a source token
-of the response text whose surface starts with whitespace, or punctuation right after another
-token of the text, whose row offers the next words as well), the teacher's top-k next tokens
-after the context (prompt + response tokens before r) are followed to the end of their word by a
-beam over the teacher's own continuations. A word-start candidate (whitespace, then word characters or
-nothing) above `min_prob` starts a path (the observed token always); each step, every live path is extended by at most `branch` word pieces
-(tokens whose surface is word characters only, `str.isalnum`), `beam` paths are kept per word
-start, at most `steps` steps, and no path below `min_prob`. A path whose text holds a word character
-yields the outcome "its text" with its probability times the probability that the next token ends
-the word (a special token or one whose first character is not a word character). A candidate that
-starts no word path (".", " (", "\\n\\n" ...) is an outcome of its own surface; the source's
-end-of-turn token (`eot`) is the outcome EOT_OUTCOME, "the turn ends here". The observed word (the
-tokens the source used) is always followed, beyond the beam's limits, so its outcome is exact.
-Mass outside the top-k, the beam, the steps or the floor is lost, never renormalized away.
-Compute (`_Tree`): every word start's context is a prefix of the sequence, so one forward of the
-sequence gives every word start's first row and a KV cache all of them share; the beam then runs as
-a token tree on that cache, every live path's newest token fed in one row per step with its own
-position and a 4-D attention mask (the context up to its word start, its own earlier tokens,
-itself; a sliding layer's window kept). Where the model's attention cannot be reproduced that way
-(chunked attention, other layer types) each word start's context is prefilled on its own (left
-padding, explicit positions) and the beam decodes one cache row per path (Cache.reorder_cache);
-the outcomes are the same, the cost many times higher (docs/ARCHITECTURE.md, "Word lookahead").
+of the response text whose surface starts with whitespace, or punctuation right after another token
+of the text, whose row offers the next words as well), the teacher's top-k next tokens after the
+context (prompt + response tokens before r) are followed to the end of their word by a beam over the
+teacher's own continuations. A word-start candidate (whitespace, then word characters or nothing)
+above `min_prob` starts a path (the observed token always); each step, every live path is extended
+by at most `branch` word pieces (tokens whose surface is word characters only, `str.isalnum`),
+`beam` paths are kept per word start, at most `steps` steps, and no path below `min_prob`. A path
+whose text holds a word character yields the outcome "its text" with its probability times the
+probability that the next token ends the word (a special token or one whose first character is not a
+word character). A candidate that starts no word path (".", " (", "\\n\\n" ...) is an outcome of its
+own surface; the source's end-of-turn token (`eot`) is the outcome EOT_OUTCOME, "the turn ends
+here". The observed word (the tokens the source used) is always followed, beyond the beam's limits,
+so its outcome is exact. Mass outside the top-k, the beam, the steps or the floor is lost, never
+renormalized away. Compute (`_Tree`): every word start's context is a prefix of the sequence, so one
+forward of the sequence gives every word start's first row and a KV cache all of them share; the
+beam then runs as a token tree on that cache, every live path's newest token fed in one row per step
+with its own position and a 4-D attention mask (the context up to its word start, its own earlier
+tokens, itself; a sliding layer's window kept). Where the model's attention cannot be reproduced
+that way (chunked attention, other layer types) each word start's context is prefilled on its own
+(left padding, explicit positions) and the beam decodes one cache row per path
+(Cache.reorder_cache); the outcomes are the same, the cost many times higher (docs/ARCHITECTURE.md,
+"Word lookahead").
 
 Align side (`apply_outcomes`, numpy): each outcome text is spelled with the target tokenizer
 (`Speller`: the text between "Xx" and " xx", cached per text; None when the target's tokens do not

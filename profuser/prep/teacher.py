@@ -44,8 +44,8 @@ import numpy as np
 import pyarrow as pa
 
 from profuser.constants import PREP_MODES
-from profuser.models import split_head
 from profuser.lookahead import COST_KEYS, OUTCOMES_VERSION, tree_note
+from profuser.models import split_head
 from profuser.prep.formats import teacher_table
 from profuser.prep.stages import (Context, Progress, Stage, free_memory, model_deps, read_records, sidecar_info,
                                    upstream_hashes)
