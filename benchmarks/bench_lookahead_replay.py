@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,18 +62,6 @@ class ForwardTrace:
             self.on = False
         return out, {"length": len(enc.input_ids), "prompt": enc.prompt_len, "forwards": self.forwards,
                      "word_starts": cost["word_starts"] - before}
-
-
-def build(shape: str, vocab: int, device: str, dtype):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from bench_prep import SHAPES
-
-    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=1,
-                      eos_token_id=2, attn_implementation="sdpa", **SHAPES[shape])
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
 
 
 def replay(model, trace: dict, device: str) -> int:
@@ -141,6 +128,7 @@ def main(argv=None) -> None:
 
     import torch
 
+    from bench_prep import Clock, build_model
     from profuser.prep.teacher import forward_batches, plan_batches
 
     trace = json.loads(Path(args.trace).read_text())
@@ -148,20 +136,17 @@ def main(argv=None) -> None:
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     if not cuda:
         torch.set_num_threads(args.threads)
-    model = build(args.shape, trace["vocab"], device, dtype)
+    model = build_model(args.shape, None, device, dtype, vocab=trace["vocab"])[0]
     gen = torch.Generator().manual_seed(2)
     seqs = [torch.randint(trace["vocab"], (L,), generator=gen).tolist() for L, _ in trace["teacher_sequences"]]
     n_resp = [r for _, r in trace["teacher_sequences"]]
     batches = plan_batches([len(s) - 1 for s in seqs], trace["batch_tokens"], 8)
 
-    def clock(fn):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t, out
+    timed = Clock(device)
+
+    def clock(fn):  # (wall seconds, result)
+        (wall, _), out = timed(fn)
+        return wall, out
 
     def teacher():
         for _ in forward_batches(model, seqs, n_resp, batches, trace["topk"], 1024, 0):

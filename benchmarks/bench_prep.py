@@ -56,14 +56,14 @@ SHAPES = {  # LlamaConfig fields; vocabulary: SmolLM2's 49,152 tokens
 }
 
 
-def build_model(shape: str, layers, device: str, dtype):
+def build_model(shape: str, layers, device: str, dtype, vocab: int = 49152):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     kw = dict(SHAPES[shape])
     if layers:
         kw["num_hidden_layers"] = layers
-    cfg = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=1,
+    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=1,
                       eos_token_id=2, attn_implementation="sdpa", **kw)
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval(), kw
